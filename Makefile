@@ -1,0 +1,37 @@
+# tvmpipe developer commands. Every target creates or reuses .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test lint demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test,dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# mypy cannot follow setuptools' package-dir mapping, so it checks a tree of links shaped like
+# the installed namespace (build/typecheck/tvmpipe/{orchestrator,worker,proto}).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check orchestrator worker proto tests
+	$(VENV)/bin/ruff format --check orchestrator worker proto tests
+	rm -rf build/typecheck && mkdir -p build/typecheck/tvmpipe
+	for p in orchestrator worker proto; do ln -s ../../../$$p build/typecheck/tvmpipe/$$p; done
+	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p tvmpipe
+
+demo: $(STAMP)
+	$(PY) -m tvmpipe.orchestrator.demo
+
+bench: $(STAMP)
+	$(PY) -m tvmpipe.orchestrator.cli bench
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

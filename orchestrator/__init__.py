@@ -1,0 +1,36 @@
+"""tvmpipe's controller side: configure, split, build and package a pipeline, then run it.
+
+The public names here follow the pipeline-executor RFC (see DESIGN.md); code outside this
+repository is written against them.
+"""
+
+from tvmpipe.proto.errors import (
+    BuildError,
+    ConfigError,
+    InputError,
+    PackageError,
+    StageError,
+    TvmpipeError,
+)
+
+from .build import build_pipeline
+from .config import PipelineModuleConfig
+from .library import PipelineLibrary, load_library
+try:
+    from .split import split_module
+except ImportError:  # TEMP
+    pass
+
+__all__ = [
+    "BuildError",
+    "ConfigError",
+    "InputError",
+    "PackageError",
+    "PipelineLibrary",
+    "PipelineModuleConfig",
+    "StageError",
+    "TvmpipeError",
+    "build_pipeline",
+    "load_library",
+    "split_module",
+]

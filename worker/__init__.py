@@ -1,0 +1,1 @@
+"""tvmpipe's stage worker: a TVM RPC server that also runs pipeline stages."""
