@@ -9,6 +9,7 @@ whose target is another architecture is exported as a ``.tar`` of objects for it
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import threading
@@ -74,7 +75,7 @@ def build_pipeline(cfg: PipelineModuleConfig, *, jobs: int | None = None) -> Pip
                 sha256="",
                 inputs=list(sig.inputs),
                 outputs=list(sig.outputs or ()),
-                target=target.export(),
+                target=json.loads(str(target)),
                 param_group=group,
                 **common,
             )
