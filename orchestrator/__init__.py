@@ -16,10 +16,8 @@ from tvmpipe.proto.errors import (
 from .build import build_pipeline
 from .config import PipelineModuleConfig
 from .library import PipelineLibrary, load_library
-try:
-    from .split import split_module
-except ImportError:  # TEMP
-    pass
+from .client import PipelineModule
+from .split import split_module
 
 __all__ = [
     "BuildError",
@@ -27,6 +25,7 @@ __all__ = [
     "InputError",
     "PackageError",
     "PipelineLibrary",
+    "PipelineModule",
     "PipelineModuleConfig",
     "StageError",
     "TvmpipeError",

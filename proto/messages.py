@@ -30,8 +30,8 @@ Message types (MsgType)::
                the remote error, no tensors. It counts as that sender's message for #seq;
                receivers do not run #seq but pass the error on, and the controller raises it as
                a StageError naming the stage that failed. Never pickled.
-    STOP  = 3  from the controller, passed on by every stage: end of stream. No tensors, seq 0.
-               The receiving loop exits.
+    STOP  = 3  from the controller, passed on by every stage: end of stream. No tensors; seq is
+               0 and means nothing. The receiving loop exits.
 
 The same message also travels as one bytes object (encode_blob / decode_blob), for sending a set
 of tensors through a tvm.rpc call (e.g. parameter updates)::
@@ -79,7 +79,10 @@ MAX_FRAME_BYTES = max(MAX_HEADER_BYTES, MAX_TENSOR_BYTES)
 TENSOR_KINDS = "biufc"
 
 _DTYPE_RE = re.compile(r"[<>|=]?[biufc][0-9]{1,2}")
-_ERROR_TEXT_LIMIT = 16 * 1024  # per string, so an error always fits in a header
+# Characters kept of an error's message and traceback: even at 4 UTF-8 bytes per character,
+# an ERROR header stays under MAX_HEADER_BYTES.
+_ERROR_MESSAGE_CHARS = 4 * 1024
+_ERROR_TRACEBACK_CHARS = 10 * 1024
 _BLOB_MAGIC = b"TVPB"
 _BLOB_ALIGN = 16
 
@@ -109,11 +112,15 @@ class RemoteError:
         """Describe exc; long texts keep their end, where the cause is."""
         kind = type(exc)
         tb = "".join(traceback.format_exception(kind, exc, exc.__traceback__))
+        try:
+            message = str(exc)
+        except Exception:  # a broken __str__ must not take the error report down with it
+            message = f"<unprintable {kind.__name__}>"
         return cls(
             stage=stage[:MAX_NAME_LEN],
-            error_type=f"{kind.__module__}.{kind.__qualname__}"[-MAX_NAME_LEN:],
-            message=str(exc)[-_ERROR_TEXT_LIMIT:],
-            traceback_text=tb[-_ERROR_TEXT_LIMIT:],
+            error_type=_qualified_name(kind)[-MAX_NAME_LEN:],
+            message=_tail(message, _ERROR_MESSAGE_CHARS),
+            traceback_text=_tail(tb, _ERROR_TRACEBACK_CHARS),
         )
 
     def to_stage_error(self, seq: int) -> StageError:
@@ -149,9 +156,10 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     """Turn msg into frames for ``socket.send_multipart(frames, copy=False)``.
 
     A C-contiguous tensor is sent from its own memory, without a copy; any other is copied once.
-    The frames therefore borrow the caller's arrays: do not write to them until ZeroMQ is done
-    with the send (pyzmq keeps them alive, but only a ``track=True`` tracker or a closed socket
-    says when it no longer reads them). Pass ``copy=True`` to give that up for a copy.
+    The frames therefore borrow the caller's arrays, and the caller must not write to them until
+    ZeroMQ is done with the send: pyzmq keeps them alive, but only a ``track=True`` tracker says
+    when libzmq stops reading them. Sending with ``copy=True`` gives ZeroMQ its own copy instead
+    (pyzmq copies frames under 64 KiB anyway, so zero-copy only matters for large tensors).
     Raises ProtocolError for anything decode() would refuse, so mistakes surface at the sender.
     """
     _check_seq(msg.seq)
@@ -224,7 +232,7 @@ def decode(frames: Sequence[object]) -> Message:
     views = [_as_bytes(i, frame) for i, frame in enumerate(frames)]
     header = _unpack_header(views[0])
 
-    msg_type = header["t"]
+    msg_type = header.get("t")
     if type(msg_type) is not int or msg_type not in _TYPE_VALUES:
         raise ProtocolError(f"unknown message type {msg_type!r}")
     kind = MsgType(msg_type)
@@ -367,6 +375,15 @@ def check_handshake(
             f"{peer} runs apache-tvm {remote['tvm']} but {local_name} runs apache-tvm "
             f"{local['tvm']}: install the same apache-tvm major.minor version on both sides"
         )
+
+
+def _tail(text: str, limit: int) -> str:
+    return text if len(text) <= limit else "[...]" + text[-(limit - 5) :]
+
+
+def _qualified_name(kind: type) -> str:
+    module = kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
 
 
 def _installed_version(*dists: str) -> str:

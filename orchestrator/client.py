@@ -1,0 +1,360 @@
+"""PipelineModule: the queued, asynchronous client of the pipeline-executor RFC.
+
+``set_input`` queues one value per input name; ``run`` takes the oldest complete input set,
+numbers it and pushes it to the first stages without waiting; ``get_output`` returns results in
+launch order. A receiver thread collects the output stages' messages and joins them by sequence
+number. The number of inputs in flight (launched, result not yet handed back) is bounded by
+``window``; ``run`` waits at most ``timeout`` seconds for room, then raises.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+from tvmpipe.proto.errors import (
+    BackpressureTimeout,
+    DeployError,
+    InputError,
+    NothingToRunError,
+    PipelineClosedError,
+    ProtocolError,
+    StageError,
+)
+from tvmpipe.proto.messages import (
+    MAX_FRAME_BYTES,
+    Message,
+    MsgType,
+    decode,
+    encode,
+    encode_blob,
+)
+
+from .deploy import (
+    LocalWorker,
+    StageSession,
+    connect_server,
+    request_from_tracker,
+    start_local_workers,
+)
+from .library import PipelineLibrary, load_library
+from .wiring import Wiring
+
+CLIENT = "client"
+POLL_MS = 50
+HWM = 64
+LINGER_MS = 1000
+
+
+class PipelineModule:
+    """Deploys a PipelineLibrary and streams inputs through it.
+
+    Where the stages run: by default one local loopback worker per stage, started here;
+    ``servers=["host:port", ...]`` uses running workers in stage order; ``tracker=(host, port)``
+    asks TVM's tracker for a worker by each stage's ``rpc_key``. ``client_host`` is the address
+    the last stages send results to (this machine as the workers see it).
+    """
+
+    def __init__(
+        self,
+        lib: PipelineLibrary | str | Path,
+        *,
+        servers: Sequence[str] | None = None,
+        tracker: tuple[str, int] | None = None,
+        window: int = 256,
+        timeout: float = 60.0,
+        client_host: str = "127.0.0.1",
+        bind_host: str | None = None,
+    ):
+        if servers is not None and tracker is not None:
+            raise ValueError("give servers or tracker, not both")
+        if window < 1:
+            raise ValueError(f"window must be at least 1, got {window}")
+        self.lib = lib if isinstance(lib, PipelineLibrary) else load_library(lib)
+        self.window = window
+        self.timeout = timeout
+        self.wiring = Wiring(self.lib)
+        self._closed = False
+        self._local_workers: list[LocalWorker] = []
+        self._sessions: list[StageSession] = []
+        self._context = zmq.Context()
+        self._pushes: dict[str, zmq.Socket[Any]] = {}
+        self._send_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._queues: dict[str, collections.deque[np.ndarray]] = {
+            name: collections.deque() for name in self.lib.input_names()
+        }
+        self._next_seq = 0
+        self._launched: collections.deque[int] = collections.deque()  # by run(), not returned
+        self._results: dict[int, list[np.ndarray] | StageError] = {}
+        self._futures: dict[int, Future[list[np.ndarray]]] = {}
+        self._in_flight = 0
+        self._partial: dict[int, dict[str, Message]] = {}
+        self._counters = collections.Counter[str]()
+        self._stopping = threading.Event()
+        self._receiver: threading.Thread | None = None
+        self._pull = self._context.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        self._pull.setsockopt(zmq.RCVHWM, HWM)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        port = self._pull.bind_to_random_port(f"tcp://{bind_host or client_host}")
+        self.address = f"tcp://{client_host}:{port}"
+        try:
+            self._deploy(servers, tracker)
+        except BaseException:
+            self.close()
+            raise
+
+    # ----- deployment
+    def _deploy(self, servers: Sequence[str] | None, tracker: tuple[str, int] | None) -> None:
+        stages = self.lib.stages
+        if servers is not None:
+            if len(servers) != len(stages):
+                raise DeployError(
+                    f"servers lists {len(servers)} address(es) but the pipeline has "
+                    f"{len(stages)} stages ({', '.join(s.name for s in stages)})"
+                )
+            sessions = [connect_server(stage, addr) for stage, addr in zip(stages, servers)]
+        elif tracker is not None:
+            sessions = []
+            for stage in stages:
+                sessions.append(request_from_tracker(stage, tracker))
+                self._sessions = sessions  # closed on failure
+        else:
+            self._local_workers = start_local_workers(len(stages))
+            sessions = [
+                connect_server(stage, f"{w.host}:{w.port}")
+                for stage, w in zip(stages, self._local_workers)
+            ]
+        self._sessions = sessions
+        for session in sessions:
+            session.handshake()
+            session.upload_and_load(self.lib)
+            initial = self.lib.initial_params(session.stage)
+            if initial:
+                session.call("tvmpipe.stage.set_params", _blob(initial))
+        addresses = {s.stage.name: s.address for s in sessions}
+        for session in sessions:
+            session.call("tvmpipe.stage.start", self.wiring.start_message(session.stage.name, addresses, self.address))
+        for stage_name in self.wiring.input_stages():
+            push = self._context.socket(zmq.PUSH)
+            push.setsockopt(zmq.SNDHWM, HWM)
+            push.setsockopt(zmq.LINGER, LINGER_MS)
+            push.connect(addresses[stage_name])
+            self._pushes[stage_name] = push
+        self._receiver = threading.Thread(target=self._receive_loop, name="tvmpipe-client-receive", daemon=True)
+        self._receiver.start()
+
+    # ----- the RFC's queue
+    def set_input(self, name: str, value: Any) -> None:
+        """Queue one value for pipeline input ``name``; refused at once if it cannot fit."""
+        self._check_open()
+        array = self.lib.check_input(name, value)
+        with self._cond:
+            self._queues[name].append(array)
+
+    def run(self) -> None:
+        """Launch the oldest complete input set; returns without waiting for its result."""
+        self._check_open()
+        with self._cond:
+            if any(not q for q in self._queues.values()):
+                empty = [n for n, q in self._queues.items() if not q]
+                raise NothingToRunError(f"no complete input set is queued; missing: {', '.join(empty)}")
+            inputs = {name: q.popleft() for name, q in self._queues.items()}
+        self._launch(inputs, None)
+
+    def get_output(self, timeout: float | None = None) -> list[np.ndarray]:
+        """The next result in launch order; ``[]`` if it is not ready (after ``timeout`` s)."""
+        self._check_open()
+        with self._cond:
+            if not self._launched:
+                return []
+            seq = self._launched[0]
+            if timeout and seq not in self._results:
+                self._cond.wait_for(lambda: seq in self._results or self._closed, timeout)
+            if seq not in self._results:
+                return []
+            self._launched.popleft()
+            result = self._results.pop(seq)
+            self._in_flight -= 1
+            self._cond.notify_all()
+        if isinstance(result, StageError):
+            raise result
+        return result
+
+    # ----- beyond the RFC
+    def submit(self, inputs: Mapping[str, Any]) -> Future[list[np.ndarray]]:
+        """Launch one complete input set; the future holds its outputs (or the StageError)."""
+        self._check_open()
+        names = set(self.lib.input_names())
+        if set(inputs) != names:
+            raise InputError(
+                f"submit needs exactly the inputs {sorted(names)}; got {sorted(inputs)}"
+            )
+        arrays = {name: self.lib.check_input(name, value) for name, value in inputs.items()}
+        future: Future[list[np.ndarray]] = Future()
+        future.set_running_or_notify_cancel()
+        self._launch(arrays, future)
+        return future
+
+    def map(self, inputs: Iterable[Mapping[str, Any]], window: int | None = None) -> Iterator[list[np.ndarray]]:
+        """Outputs for each input set, in order, with at most ``window`` in flight."""
+        limit = min(window or self.window, self.window)
+        pending: collections.deque[Future[list[np.ndarray]]] = collections.deque()
+        for item in inputs:
+            if len(pending) >= limit:
+                yield pending.popleft().result(self.timeout)
+            pending.append(self.submit(item))
+        while pending:
+            yield pending.popleft().result(self.timeout)
+
+    def set_params(self, group: str, params: Mapping[str, Any]) -> None:
+        """Replace some weights of a parameter group; inputs computed afterwards use them."""
+        self._check_open()
+        if group not in self.lib.param_groups:
+            raise KeyError(f"no parameter group {group!r}; groups: {sorted(self.lib.param_groups)}")
+        stage = self.lib.stage(self.lib.param_groups[group])
+        allowed = {p: spec for p, spec in zip(stage.input_names, stage.inputs)}
+        names = set(self.lib.initial_params(stage))
+        arrays = {}
+        for name, value in params.items():
+            if name not in names:
+                raise InputError(f"param group {group!r} has no weight {name!r}; it has {sorted(names)}")
+            array = np.asarray(value)
+            spec = allowed[name]
+            if spec.dtype != str(array.dtype) or (spec.shape is not None and not spec.compatible(
+                type(spec)(name, str(array.dtype), tuple(array.shape))
+            )):
+                raise InputError(
+                    f"param group {group!r}: {name} expects {spec.describe()}, got "
+                    f"{array.dtype}{list(array.shape)}"
+                )
+            arrays[name] = array
+        self._session_of(stage.name).call("tvmpipe.stage.set_params", _blob(arrays))
+
+    def stats(self) -> dict[str, Any]:
+        """Per-stage counters from the workers, and the client's own."""
+        self._check_open()
+        stages = {}
+        for session in self._sessions:
+            data = json.loads(session.call("tvmpipe.stage.stats"))
+            data.update(device=session.stage.device, worker=session.peer)
+            stages[session.stage.name] = data
+        with self._cond:
+            client = {
+                "launched": self._next_seq,
+                "in_flight": self._in_flight,
+                "queued_inputs": {n: len(q) for n, q in self._queues.items()},
+                "waiting_results": len(self._results),
+                **self._counters,
+            }
+        return {"stages": stages, "client": client}
+
+    # ----- lifetime
+    def close(self) -> None:
+        """Stop every stage, close sockets and sessions, stop the workers started here."""
+        if self._closed:
+            return
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._stopping.set()
+        if self._receiver is not None:
+            self._receiver.join(5)
+        for session in self._sessions:
+            session.close()
+        self._sessions = []
+        for push in self._pushes.values():
+            push.close(linger=0)
+        self._pull.close(linger=0)
+        self._context.term()
+        for worker in self._local_workers:
+            worker.stop()
+        self._local_workers = []
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(PipelineClosedError("the pipeline was closed"))
+        self._futures.clear()
+
+    def __enter__(self) -> PipelineModule:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----- internals
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PipelineClosedError("this PipelineModule is closed; create a new one")
+
+    def _session_of(self, stage: str) -> StageSession:
+        return next(s for s in self._sessions if s.stage.name == stage)
+
+    def _launch(self, inputs: dict[str, np.ndarray], future: Future[list[np.ndarray]] | None) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._in_flight < self.window or self._closed, self.timeout):
+                raise BackpressureTimeout(
+                    f"{self._in_flight} inputs are in flight (window {self.window}) and none "
+                    f"finished within {self.timeout:.1f} s; call get_output() or raise the window"
+                )
+            self._check_open()
+            seq = self._next_seq
+            self._next_seq += 1
+            self._in_flight += 1
+            if future is None:
+                self._launched.append(seq)
+            else:
+                self._futures[seq] = future
+        with self._send_lock:
+            for stage, tensors in self.wiring.client_messages(inputs):
+                self._pushes[stage].send_multipart(encode(Message.data(seq, CLIENT, tensors)), copy=False)
+
+    def _receive_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._pull, zmq.POLLIN)
+        senders = self.wiring.output_stages()
+        while not self._stopping.is_set():
+            if not poller.poll(POLL_MS):
+                continue
+            try:
+                msg = decode(self._pull.recv_multipart(copy=False))
+            except ProtocolError:
+                self._counters["dropped"] += 1
+                continue
+            if msg.type is MsgType.STOP or msg.sender not in senders:
+                self._counters["dropped"] += 1
+                continue
+            parts = self._partial.setdefault(msg.seq, {})
+            parts[msg.sender] = msg
+            if len(parts) == len(senders):
+                del self._partial[msg.seq]
+                self._deliver(msg.seq, self.wiring.assemble_outputs(msg.seq, parts))
+
+    def _deliver(self, seq: int, result: list[np.ndarray] | StageError) -> None:
+        with self._cond:
+            future = self._futures.pop(seq, None)
+            if future is None:
+                self._results[seq] = result
+            else:
+                self._in_flight -= 1
+            self._counters["completed"] += 1
+            self._cond.notify_all()
+        if future is not None:
+            if isinstance(result, StageError):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+
+def _blob(arrays: Mapping[str, np.ndarray]) -> bytearray:
+    tensors = {name: np.ascontiguousarray(value) for name, value in arrays.items()}
+    return bytearray(encode_blob(Message.data(0, CLIENT, tensors)))
+

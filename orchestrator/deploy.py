@@ -1,0 +1,266 @@
+"""Putting stages on workers through tvm.rpc: local loopback workers, servers, tracker keys.
+
+Each stage gets its own RPC session; the session is the stage's lifetime. Every RPC error is
+mapped here to a DeployError that names the stage and the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import selectors
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tvm import rpc
+
+from tvmpipe.proto.errors import DeployError, VersionMismatchError
+from tvmpipe.proto.messages import check_handshake, handshake_info
+
+from .library import PipelineLibrary, StageInfo
+
+READY_TIMEOUT_S = 60.0
+REQUEST_TIMEOUT_S = 60.0
+
+
+class LocalWorker:
+    """A ``tvmpipe-worker`` child process on loopback; it exits when this process goes away."""
+
+    def __init__(self, host: str = "127.0.0.1", extra_args: Sequence[str] = ()):
+        self._stderr = tempfile.TemporaryFile()
+        command = [sys.executable, "-m", "tvmpipe.worker", "--host", host, "--port", "0"]
+        command += ["--exit-with-parent", "--silent", *extra_args]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr
+        )
+        self.host = host
+        self.port: int | None = None
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> tuple[str, int]:
+        """Read the worker's ready line, polling with a deadline."""
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.process.stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if selector.select(timeout=0.2):
+                    line = self.process.stdout.readline().decode(errors="replace")
+                    if line.startswith("tvmpipe-worker ready"):
+                        host, _, port = line.split()[-1].rpartition(":")
+                        self.port = int(port)
+                        return host, self.port
+                    if not line:
+                        break
+                if self.process.poll() is not None:
+                    break
+        self.stop()
+        raise DeployError(f"a local tvmpipe-worker did not start: {self.stderr_tail()}")
+
+    def stderr_tail(self, limit: int = 2000) -> str:
+        self._stderr.seek(0)
+        text = self._stderr.read().decode(errors="replace").strip()
+        return text[-limit:] or "(it printed nothing)"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close its stdin (it stops its sessions and exits), then insist."""
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self._stderr.close()
+
+
+class StageSession:
+    """One stage on one worker, through one RPC session; calls are serialised."""
+
+    def __init__(self, stage: StageInfo, session: Any, peer: str):
+        self.stage = stage
+        self.peer = peer
+        self._session: Any = session
+        self._functions: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.address = ""
+        self.remote_pid: int | None = None
+        self.devices: list[str] = []
+
+    def call(self, name: str, *args: Any) -> Any:
+        with self._lock:
+            if self._session is None:
+                raise DeployError(f"stage {self.stage.name!r}: its session on {self.peer} is closed")
+            try:
+                func = self._functions.get(name)
+                if func is None:
+                    func = self._functions[name] = self._session.get_function(name)
+                return func(*args)
+            except Exception as exc:
+                raise DeployError(
+                    f"stage {self.stage.name!r} on worker {self.peer}: {name} failed: "
+                    f"{_remote_message(exc)}"
+                ) from exc
+
+    def handshake(self) -> None:
+        try:
+            reply = json.loads(self.call("tvmpipe.handshake", json.dumps(handshake_info())))
+        except DeployError as exc:
+            if "tvmpipe.handshake" in str(exc) and "not" in str(exc).lower():
+                raise DeployError(
+                    f"stage {self.stage.name!r}: {self.peer} is a plain TVM RPC server without "
+                    f"tvmpipe; start it with 'tvmpipe-worker' instead of tvm.exec.rpc_server"
+                ) from exc
+            raise
+        check_handshake(handshake_info(), reply, f"worker {self.peer}")
+        self.devices = list(reply.get("devices", []))
+        self.remote_pid = reply.get("pid")
+
+    def upload_and_load(self, lib: PipelineLibrary) -> None:
+        stage = self.stage
+        if stage.device not in self.devices:
+            raise DeployError(
+                f"stage {stage.name!r} needs device {stage.device!r} but worker {self.peer} has "
+                f"only {', '.join(self.devices) or 'none'}"
+            )
+        path = lib.artifact_path(stage)
+        with self._lock:
+            try:
+                self._session.upload(str(path), target=stage.artifact)
+            except Exception as exc:
+                raise DeployError(
+                    f"stage {stage.name!r}: uploading {stage.artifact} to {self.peer} failed: "
+                    f"{_remote_message(exc)}"
+                ) from exc
+        spec = {
+            "name": stage.name,
+            "kind": stage.kind,
+            "artifact": stage.artifact,
+            "sha256": stage.sha256,
+            "device": stage.device,
+            "inputs": stage.input_names,
+            "python": stage.python,
+            "cpu_affinity": stage.cpu_affinity,
+            "num_threads": stage.num_threads,
+        }
+        reply = json.loads(self.call("tvmpipe.stage.load", json.dumps(spec)))
+        self.address = reply["address"]
+        self.remote_pid = reply.get("pid", self.remote_pid)
+
+    def close(self) -> None:
+        """Stop the stage and end the session (dropping the last reference closes it)."""
+        if self._session is None:
+            return
+        try:
+            self.call("tvmpipe.stage.stop")
+        except DeployError:
+            pass  # the worker is gone already: nothing left to stop
+        with self._lock:
+            self._functions.clear()
+            self._session = None
+
+
+def _remote_message(exc: BaseException) -> str:
+    text = str(exc)
+    marker = "Error caught from RPC call:"
+    if marker in text:
+        text = text.split(marker, 1)[1]
+    return text.strip()
+
+
+def connect_server(stage: StageInfo, address: str, timeout: float = REQUEST_TIMEOUT_S) -> StageSession:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise DeployError(f"stage {stage.name!r}: server address {address!r} is not HOST:PORT")
+    session = _bounded(
+        lambda: rpc.connect(host, int(port), session_timeout=0),
+        timeout,
+        f"stage {stage.name!r}: cannot open an RPC session with {address}",
+    )
+    return StageSession(stage, session, address)
+
+
+def request_from_tracker(
+    stage: StageInfo, tracker: tuple[str, int], timeout: float = REQUEST_TIMEOUT_S
+) -> StageSession:
+    """Ask the tracker for a free worker registered under the stage's key."""
+    key = stage.rpc_key
+    if not key:
+        raise DeployError(
+            f"stage {stage.name!r} has no rpc_key: set cfg[module].rpc_key to the key its "
+            f"workers register under at the tracker"
+        )
+    host, port = tracker
+    holder: dict[str, Any] = {}
+
+    def request() -> Any:
+        holder["tracker"] = tracker_session = rpc.connect_tracker(host, port)
+        return tracker_session.request(key, session_timeout=0, max_retry=1)
+
+    def give_up() -> None:
+        if "tracker" in holder:
+            holder["tracker"].close()
+
+    session = _bounded(
+        request,
+        timeout,
+        f"stage {stage.name!r}: the tracker at {host}:{port} gave no free worker with key {key!r}",
+        on_timeout=give_up,
+    )
+    return StageSession(stage, session, f"{key}@{host}:{port}")
+
+
+def _bounded(
+    func: Callable[[], Any],
+    timeout: float,
+    what: str,
+    on_timeout: Callable[[], None] | None = None,
+) -> Any:
+    """Run a blocking TVM call with a deadline: TVM's own calls have none."""
+    result: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            result["value"] = func()
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, name="tvmpipe-rpc-connect", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        if on_timeout is not None:
+            on_timeout()
+        raise DeployError(f"{what} within {timeout:.0f} s")
+    if "error" in result:
+        exc = result["error"]
+        if isinstance(exc, VersionMismatchError):
+            raise exc
+        raise DeployError(f"{what}: {_remote_message(exc)}") from exc
+    return result["value"]
+
+
+def start_local_workers(count: int, host: str = "127.0.0.1") -> list[LocalWorker]:
+    """Start ``count`` loopback workers at once and wait until each is listening."""
+    workers = [LocalWorker(host) for _ in range(count)]
+    try:
+        for worker in workers:
+            worker.wait_ready()
+    except BaseException:
+        for worker in workers:
+            worker.stop()
+        raise
+    return workers
+

@@ -1,0 +1,115 @@
+"""Real networks (ONNX's SqueezeNet and ResNet-50 with seeded random weights) split into three
+stages by split_module and run stage by stage: the same numbers as the unsplit module.
+
+Each network and each config is compiled once per module (ResNet-50 runs ~3 s per inference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+from tvmpipe.orchestrator.config import PipelineModuleConfig
+from tvmpipe.orchestrator.split import split_module
+
+from .test_split import compile_module, compile_stages, run_module, run_stages
+
+pytest.importorskip("onnx")
+
+from tvmpipe.orchestrator.models import example_input, load_onnx_model
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+# Inside fire modules: both expand branches of fire4 and fire7 cross the cuts.
+SQUEEZENET_CUTS = [42, 82]
+# Inside bottleneck blocks, after the first conv+relu of a block: the block's input (the
+# residual shortcut) and the branch both cross each cut.
+RESNET50_CUTS = [133, 254]
+# Both cuts inside one bottleneck block: its shortcut goes from stage 0 straight to stage 2.
+RESNET50_SKIP_CUTS = [133, 139]
+
+
+@dataclass
+class Network:
+    mod: tvm.IRModule
+    inputs: list[dict[str, np.ndarray]]
+    expected: list[list[np.ndarray]]
+
+
+def _network(name: str, n_inputs: int) -> Network:
+    mod = load_onnx_model(name, seed=0)
+    vm = compile_module(mod)
+    inputs = [example_input(mod, seed) for seed in range(n_inputs)]
+    return Network(mod, inputs, [run_module(mod, x, vm) for x in inputs])
+
+
+@pytest.fixture(scope="module")
+def squeezenet() -> Network:
+    return _network("light_squeezenet", 3)
+
+
+@pytest.fixture(scope="module")
+def resnet50() -> Network:
+    return _network("light_resnet50", 2)
+
+
+def _check_pipeline(net: Network, cfg: PipelineModuleConfig, n_inputs: int | None = None) -> None:
+    vms = compile_stages(cfg)
+    for inputs, expected in list(zip(net.inputs, net.expected, strict=True))[:n_inputs]:
+        got = run_stages(cfg, inputs, vms)
+        assert len(got) == len(expected) == 1
+        np.testing.assert_allclose(got[0], expected[0], rtol=1e-6, atol=1e-7)
+
+
+def _stage_inputs(cfg: PipelineModuleConfig) -> list[int]:
+    return [len(cfg.signature(m).inputs) for m in cfg.modules]
+
+
+def _skips(cfg: PipelineModuleConfig) -> list[tuple[str, str]]:
+    """Connections that jump over at least one stage."""
+    position = {id(m): i for i, m in enumerate(cfg.modules)}
+    return [
+        (cfg.name_of(c.src), cfg.name_of(c.dst))
+        for c in cfg.connections
+        if position[id(c.dst)] - position[id(c.src)] > 1
+    ]
+
+
+@pytest.mark.parametrize("name", ["squeezenet", "resnet50"])
+def test_random_weights_give_distinct_outputs(name: str, request: pytest.FixtureRequest) -> None:
+    """Neither a uniform nor a one-hot softmax, and different inputs give different outputs."""
+    net: Network = request.getfixturevalue(name)
+    probs = [out[0].ravel() for out in net.expected]
+    for p in probs:
+        assert np.isfinite(p).all()
+        assert p.sum() == pytest.approx(1.0, rel=1e-4)
+        assert 0.01 < p.max() < 0.99
+        assert np.log(p).std() > 0.5  # the logits spread over classes
+    assert np.abs(probs[0] - probs[1]).max() > 0.05 * probs[0].max()
+
+
+def test_squeezenet_three_stages(squeezenet: Network) -> None:
+    cfg = split_module(squeezenet.mod, SQUEEZENET_CUTS)
+    assert len(cfg.modules) == 3
+    assert list(cfg.inputs) == ["data_0"]
+    assert _stage_inputs(cfg) == [1, 2, 2]  # the two expand branches of a fire module
+    _check_pipeline(squeezenet, cfg)
+
+
+def test_resnet50_three_stages(resnet50: Network) -> None:
+    cfg = split_module(resnet50.mod, RESNET50_CUTS)
+    assert list(cfg.inputs) == ["gpu_0/data_0"]
+    assert _stage_inputs(cfg) == [1, 2, 2]  # shortcut and branch cross each cut
+    assert len(cfg.connections) == 4
+    _check_pipeline(resnet50, cfg)
+
+
+def test_resnet50_shortcut_skips_a_stage(resnet50: Network) -> None:
+    cfg = split_module(resnet50.mod, RESNET50_SKIP_CUTS)
+    assert _skips(cfg) == [("mod1", "mod3")]
+    assert _stage_inputs(cfg) == [1, 1, 2]
+    _check_pipeline(resnet50, cfg, n_inputs=1)
+    assert isinstance(cfg.modules[0]["main"].body.blocks[0], relax.DataflowBlock)

@@ -1,0 +1,193 @@
+"""The stage worker: a stock TVM RPC server with tvmpipe's functions registered.
+
+TVM's Python RPC server forks one process per session. tvmpipe registers its functions before
+the server starts, so every session process has them; a plain TVM client still sees an
+ordinary RPC server. The controller, through the session, uploads a stage artifact and calls:
+
+    tvmpipe.handshake(json) -> json          versions and devices, checked by both sides
+    tvmpipe.stage.load(json) -> json         load the artifact on its device, bind the PULL socket
+    tvmpipe.stage.start(json)                connect to the next stages and start the loops
+    tvmpipe.stage.set_params(bytes)          replace parameter-group weights (a proto blob)
+    tvmpipe.stage.stats() -> json            counters, queue depths, service times
+    tvmpipe.stage.stop()                     stop the loops and close the sockets
+
+A stage lives as long as its session: the session loop is wrapped so that, however the session
+ends (the controller closes it, or dies and its socket drops), the stage is stopped before the
+session process exits.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import tvm
+import tvm.rpc.server as tvm_rpc_server
+import tvm_ffi
+from tvm.rpc import _ffi_api as rpc_ffi
+
+from tvmpipe.proto.messages import check_handshake, decode_blob, handshake_info
+
+from .placement import check_cores, pin_current_thread
+from .runner import StageRunner, tvm_device
+from .stage import Destination, Stage
+
+DEVICES = ("cpu", "cuda", "opencl", "vulkan", "metal", "rocm")
+
+
+class WorkerState:
+    """Per-process settings the session processes inherit through fork."""
+
+    bind_host = "127.0.0.1"
+    advertise_host = "127.0.0.1"
+    stage: Stage | None = None
+
+
+def available_devices() -> list[str]:
+    found = []
+    for kind in DEVICES:
+        try:
+            tvm_device(kind)
+            found.append(kind)
+        except Exception:
+            continue
+    return found
+
+
+def _handshake(peer_json: str) -> str:
+    check_handshake(handshake_info(), json.loads(peer_json), "the controller", "this worker")
+    return json.dumps({**handshake_info(), "devices": available_devices(), "pid": os.getpid()})
+
+
+def _load(spec_json: str) -> str:
+    if WorkerState.stage is not None:
+        raise RuntimeError("this session already runs a stage; open a new session for another")
+    spec = json.loads(spec_json)
+    workpath = tvm.get_global_func("tvm.rpc.server.workpath")
+    artifact = Path(workpath(spec["artifact"]))
+    digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
+    if digest != spec["sha256"]:
+        raise RuntimeError(f"artifact {artifact.name} arrived damaged (sha256 {digest[:12]}...)")
+    device = spec["device"]
+    if device not in available_devices():
+        raise RuntimeError(
+            f"stage {spec['name']!r} needs device {device!r} but this worker has only "
+            f"{', '.join(available_devices())}"
+        )
+    check_cores(spec.get("cpu_affinity"))
+    python = spec.get("python")
+    runner = StageRunner(
+        spec["kind"],
+        artifact,
+        device,
+        spec["inputs"],
+        (python["module"], python["function"]) if python else None,
+    )
+    affinity, threads = spec.get("cpu_affinity"), spec.get("num_threads")
+    WorkerState.stage = Stage(
+        spec["name"],
+        runner,
+        WorkerState.bind_host,
+        on_compute_start=lambda: pin_current_thread(affinity, threads),
+    )
+    address = f"tcp://{WorkerState.advertise_host}:{WorkerState.stage.port}"
+    return json.dumps({"address": address, "pid": os.getpid()})
+
+
+def _current() -> Stage:
+    if WorkerState.stage is None:
+        raise RuntimeError("no stage is loaded in this session; call tvmpipe.stage.load first")
+    return WorkerState.stage
+
+
+def _start(wiring_json: str) -> None:
+    wiring = json.loads(wiring_json)
+    destinations = [
+        Destination(d["name"], d["address"], tuple((int(i), str(n)) for i, n in d["tensors"]))
+        for d in wiring["destinations"]
+    ]
+    _current().start(list(wiring["senders"]), destinations)
+
+
+def _set_params(blob: bytearray) -> None:
+    _current().runner.set_params(decode_blob(bytes(blob)).tensors)
+
+
+def _stats() -> str:
+    return json.dumps(_current().snapshot())
+
+
+def _stop() -> None:
+    stage, WorkerState.stage = WorkerState.stage, None
+    if stage is not None:
+        stage.stop()
+
+
+def register_functions() -> None:
+    """Make tvmpipe's functions callable through any RPC session of this process."""
+    for name, func in (
+        ("tvmpipe.handshake", _handshake),
+        ("tvmpipe.stage.load", _load),
+        ("tvmpipe.stage.start", _start),
+        ("tvmpipe.stage.set_params", _set_params),
+        ("tvmpipe.stage.stats", _stats),
+        ("tvmpipe.stage.stop", _stop),
+    ):
+        tvm_ffi.register_global_func(name, func, override=True)
+
+
+def _die_with_parent() -> None:
+    """The session process ends when its worker does, even on SIGKILL (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _serve_session(sock: Any, load_library: Any, work_path: Any) -> None:
+    """TVM's per-session loop (tvm.rpc.server._serve_loop), with the stage stopped at its end."""
+    _die_with_parent()
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    tvm_rpc_server._server_env(load_library, work_path)
+    try:
+        rpc_ffi.ServerLoop(sock.fileno())
+    finally:
+        _stop()
+
+
+def install_session_hook() -> None:
+    """Wrap TVM 0.27's session loop; it is looked up by name when each session starts."""
+    tvm_rpc_server._serve_loop = _serve_session
+
+
+def run_server(
+    host: str,
+    port: int,
+    port_end: int,
+    tracker: tuple[str, int] | None,
+    key: str,
+    custom_addr: str | None,
+    silent: bool,
+) -> Any:
+    """Start listening (and registering with the tracker); returns TVM's server state."""
+    register_functions()
+    install_session_hook()
+    WorkerState.bind_host = host
+    WorkerState.advertise_host = custom_addr or (host if host not in ("0.0.0.0", "", "::") else "127.0.0.1")
+    return tvm_rpc_server.PopenRPCServerState(
+        host,
+        port,
+        port_end,
+        False,
+        tracker,
+        key,
+        None,
+        custom_addr,
+        silent,
+    )

@@ -1,0 +1,276 @@
+"""A running stage: receive, join by sequence number, compute, send; three threads overlapped.
+
+    receiver  PULL --decode--> join parts of seq k from every expected sender --> compute queue
+    compute   runner(inputs) --> send queue (or a RemoteError for seq k)
+    sender    send queue --> one message per destination (next stages, or the client)
+
+Every sender delivers exactly one message (data or error) per sequence number to each of its
+destinations, so a stage knows when an input set is complete, and an error travels along the
+same edges as data would have, reaching the client once per output stage. ZeroMQ sockets are
+each used by one thread only. Queues are bounded: when the stage falls behind, the receiver
+stops reading and ZeroMQ's high-water marks push back on the producers.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import zmq
+
+from tvmpipe.proto.errors import ProtocolError
+from tvmpipe.proto.messages import (
+    MAX_FRAME_BYTES,
+    Message,
+    MsgType,
+    RemoteError,
+    decode,
+    encode,
+)
+
+from .runner import StageRunner
+
+POLL_MS = 50
+QUEUE_DEPTH = 4  # input sets waiting for compute, outputs waiting to be sent
+HWM = 16  # ZeroMQ messages buffered per socket and direction
+LINGER_MS = 1000
+SAMPLES = 4096  # service times kept for the mean and p99
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where this stage's outputs go: ``tensors`` maps output index to the name it arrives as."""
+
+    name: str
+    address: str
+    tensors: tuple[tuple[int, str], ...]
+
+
+@dataclass
+class StageStats:
+    """Counters the controller reads through ``tvmpipe.stage.stats``."""
+
+    received: int = 0
+    processed: int = 0
+    failed: int = 0
+    sent: int = 0
+    dropped: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    service_times: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=SAMPLES)
+    )
+
+    def summary(self) -> dict[str, Any]:
+        times = np.array(self.service_times) if self.service_times else np.zeros(1)
+        return {
+            "received": self.received,
+            "processed": self.processed,
+            "failed": self.failed,
+            "sent": self.sent,
+            "dropped": self.dropped,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+            "service_mean_s": float(times.mean()),
+            "service_p99_s": float(np.percentile(times, 99)),
+        }
+
+
+class Stage:
+    """One stage's data plane around a StageRunner; ``start`` after ``bind``, ``stop`` always."""
+
+    def __init__(
+        self,
+        name: str,
+        runner: StageRunner,
+        bind_host: str,
+        on_compute_start: Callable[[], None] | None = None,
+    ):
+        self.name = name
+        self.runner = runner
+        self._on_compute_start = on_compute_start
+        self.stats = StageStats()
+        self._context = zmq.Context()
+        self._pull = self._context.socket(zmq.PULL)
+        self._pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        self._pull.setsockopt(zmq.RCVHWM, HWM)
+        self._pull.setsockopt(zmq.LINGER, 0)
+        self.port = self._pull.bind_to_random_port(f"tcp://{bind_host}")
+        self._pushes: list[tuple[Destination, zmq.Socket[Any]]] = []
+        self._senders: frozenset[str] = frozenset()
+        self._compute_queue: queue.Queue[tuple[int, Any]] = queue.Queue(QUEUE_DEPTH)
+        self._send_queue: queue.Queue[tuple[int, Any]] = queue.Queue(QUEUE_DEPTH)
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._pending: dict[int, dict[str, Message]] = {}
+        self._lock = threading.Lock()
+
+    def start(self, senders: list[str], destinations: list[Destination]) -> None:
+        """Connect to the destinations and start the loops; ``senders`` feed this stage."""
+        if self._threads:
+            raise RuntimeError(f"stage {self.name!r} is already running")
+        self._senders = frozenset(senders)
+        for dest in destinations:
+            push = self._context.socket(zmq.PUSH)
+            push.setsockopt(zmq.SNDHWM, HWM)
+            push.setsockopt(zmq.LINGER, LINGER_MS)
+            push.connect(dest.address)
+            self._pushes.append((dest, push))
+        for target, label in (
+            (self._receive_loop, "receive"),
+            (self._compute_loop, "compute"),
+            (self._send_loop, "send"),
+        ):
+            thread = threading.Thread(target=target, name=f"tvmpipe-{self.name}-{label}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the loops, then close the sockets with a bounded linger and the context."""
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._pull.close(linger=0)
+        for _, push in self._pushes:
+            push.close(linger=LINGER_MS)
+        self._context.term()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            summary = self.stats.summary()
+            summary["pending_joins"] = len(self._pending)
+        summary["compute_queue"] = self._compute_queue.qsize()
+        summary["send_queue"] = self._send_queue.qsize()
+        return summary
+
+    # ----- the three loops
+    def _receive_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._pull, zmq.POLLIN)
+        while not self._stopping.is_set():
+            if not poller.poll(POLL_MS):
+                continue
+            frames = self._pull.recv_multipart(copy=False)
+            size = sum(len(f.buffer) for f in frames)
+            try:
+                msg = decode(frames)
+                self._check_sender(msg)
+            except ProtocolError:
+                with self._lock:
+                    self.stats.dropped += 1
+                continue
+            with self._lock:
+                self.stats.bytes_in += size
+            if msg.type is MsgType.STOP:
+                continue
+            complete = self._join(msg)
+            if complete is not None:
+                self._put(self._compute_queue, complete)
+
+    def _check_sender(self, msg: Message) -> None:
+        if msg.type is not MsgType.STOP and msg.sender not in self._senders:
+            raise ProtocolError(f"stage {self.name!r} expects no messages from {msg.sender!r}")
+
+    def _join(self, msg: Message) -> tuple[int, Any] | None:
+        """Add one sender's part of seq; return the input set once every sender delivered."""
+        with self._lock:
+            parts = self._pending.setdefault(msg.seq, {})
+            if msg.sender in parts:
+                self.stats.dropped += 1  # a duplicate: keep the first
+                return None
+            parts[msg.sender] = msg
+            if len(parts) < len(self._senders):
+                return None
+            del self._pending[msg.seq]
+            self.stats.received += 1
+        errors = [m.error for m in parts.values() if m.type is MsgType.ERROR]
+        if errors:
+            return msg.seq, errors[0]
+        inputs: dict[str, Any] = {}
+        for part in parts.values():
+            inputs.update(part.tensors)
+        return msg.seq, inputs
+
+    def _compute_loop(self) -> None:
+        if self._on_compute_start is not None:
+            self._on_compute_start()
+        while not self._stopping.is_set():
+            item = self._get(self._compute_queue)
+            if item is None:
+                continue
+            seq, payload = item
+            if isinstance(payload, RemoteError):
+                self._put(self._send_queue, (seq, payload))
+                continue
+            started = time.perf_counter()
+            try:
+                result: Any = self.runner(payload)
+                self._check_outputs(result)
+            except Exception as exc:
+                result = RemoteError.from_exception(self.name, exc)
+            elapsed = time.perf_counter() - started
+            with self._lock:
+                self.stats.service_times.append(elapsed)
+                if isinstance(result, RemoteError):
+                    self.stats.failed += 1
+                else:
+                    self.stats.processed += 1
+            self._put(self._send_queue, (seq, result))
+
+    def _check_outputs(self, outputs: list[np.ndarray]) -> None:
+        wanted = max((i for dest, _ in self._pushes for i, _ in dest.tensors), default=-1)
+        if wanted >= len(outputs):
+            raise ValueError(
+                f"stage {self.name!r} returned {len(outputs)} output(s) but output({wanted}) "
+                f"is connected"
+            )
+
+    def _send_loop(self) -> None:
+        while not self._stopping.is_set():
+            item = self._get(self._send_queue)
+            if item is None:
+                continue
+            seq, result = item
+            for dest, push in self._pushes:
+                if isinstance(result, RemoteError):
+                    msg = Message.failure(seq, self.name, result)
+                else:
+                    msg = Message.data(seq, self.name, {n: result[i] for i, n in dest.tensors})
+                frames = encode(msg)
+                if not self._send(push, frames):
+                    return
+                with self._lock:
+                    self.stats.bytes_out += sum(len(memoryview(f)) for f in frames)
+            with self._lock:
+                self.stats.sent += 1
+
+    def _send(self, push: zmq.Socket[Any], frames: list[Any]) -> bool:
+        """Send, waiting while the peer's queue is full; False once the stage is stopping."""
+        while not self._stopping.is_set():
+            if push.poll(POLL_MS, zmq.POLLOUT):
+                push.send_multipart(frames, copy=False)
+                return True
+        return False
+
+    # ----- bounded queues that give way to stop()
+    def _put(self, q: queue.Queue[Any], item: Any) -> None:
+        while not self._stopping.is_set():
+            try:
+                q.put(item, timeout=POLL_MS / 1000)
+                return
+            except queue.Full:
+                continue
+
+    def _get(self, q: queue.Queue[Any]) -> Any:
+        try:
+            return q.get(timeout=POLL_MS / 1000)
+        except queue.Empty:
+            return None
+
