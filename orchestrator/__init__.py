@@ -14,9 +14,9 @@ from tvmpipe.proto.errors import (
 )
 
 from .build import build_pipeline
+from .client import PipelineModule
 from .config import PipelineModuleConfig
 from .library import PipelineLibrary, load_library
-from .client import PipelineModule
 from .split import split_module
 
 __all__ = [

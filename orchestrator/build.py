@@ -14,7 +14,7 @@ import os
 import shutil
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from .library import (
     PipelineLibrary,
     StageInfo,
     new_build_directory,
+    remove_with,
     sha256_of,
 )
 from .signature import is_relax_module, signature_of
@@ -48,8 +49,17 @@ class _CompileJob:
 def build_pipeline(cfg: PipelineModuleConfig, *, jobs: int | None = None) -> PipelineLibrary:
     """Compile each stage under the active PassContext; ``jobs`` caps parallel compiles."""
     cfg.validate()
-    tempdir = new_build_directory()
-    directory = Path(tempdir.name)
+    directory = new_build_directory()
+    try:
+        lib = _build_into(cfg, directory, jobs)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    lib._cleanup = remove_with(lib, directory)
+    return lib
+
+
+def _build_into(cfg: PipelineModuleConfig, directory: Path, jobs: int | None) -> PipelineLibrary:
     stages: list[StageInfo] = []
     compile_jobs: list[_CompileJob] = []
     for module in cfg.topological_order():
@@ -94,14 +104,18 @@ def build_pipeline(cfg: PipelineModuleConfig, *, jobs: int | None = None) -> Pip
     def stage_name(module: Any) -> str:
         return cfg.name_of(module)
 
-    inputs = [
-        InputBinding(n, stage_name(m), p, cfg.signature(m).input(p))  # type: ignore[arg-type]
-        for n, (m, p) in cfg.inputs.items()
-    ]
+    inputs = []
+    for name, (module, param) in cfg.inputs.items():
+        spec = cfg.signature(module).input(param)
+        assert spec is not None
+        inputs.append(InputBinding(name, stage_name(module), param, replace(spec, name=name)))
     outputs = [OutputBinding(stage_name(m), i) for m, i in cfg.outputs]
-    edges = [Edge(stage_name(c.src), c.src_index, stage_name(c.dst), c.dst_param) for c in cfg.connections]
+    edges = [
+        Edge(stage_name(c.src), c.src_index, stage_name(c.dst), c.dst_param)
+        for c in cfg.connections
+    ]
     groups = {g: stage_name(m) for g, m in cfg.param_groups.items()}
-    return PipelineLibrary(stages, inputs, outputs, edges, groups, directory, _tempdir=tempdir)
+    return PipelineLibrary(stages, inputs, outputs, edges, groups, directory)
 
 
 def is_cross_compiled(target: tvm.target.Target) -> bool:
@@ -119,7 +133,7 @@ def _bind_params(module: tvm.IRModule, params: dict[str, np.ndarray]) -> tvm.IRM
     if not params:
         return module
     bound = {name: tvm.runtime.tensor(value) for name, value in params.items()}
-    return relax.transform.BindParams("main", bound)(module)  # type: ignore[no-any-return]
+    return relax.transform.BindParams("main", bound)(module)
 
 
 def _python_stage(func: Any, directory: Path, common: dict[str, Any]) -> StageInfo:
@@ -127,7 +141,9 @@ def _python_stage(func: Any, directory: Path, common: dict[str, Any]) -> StageIn
     source = inspect.getsourcefile(func)
     artifact = f"{common['name']}.py"
     if source is None or not Path(source).is_file():
-        raise BuildError(f"stage {common['name']!r}: cannot find the source file of {func.__qualname__}")
+        raise BuildError(
+            f"stage {common['name']!r}: cannot find the source file of {func.__qualname__}"
+        )
     shutil.copyfile(source, directory / artifact)
     sig = signature_of(func)
     return StageInfo(
@@ -153,7 +169,9 @@ def _compile_all(jobs: list[_CompileJob], parallel: int) -> None:
             try:
                 _compile_one(job)
             except Exception as exc:
-                raise BuildError(f"stage {job.stage!r} failed to compile for {job.target}: {exc}") from exc
+                raise BuildError(
+                    f"stage {job.stage!r} failed to compile for {job.target}: {exc}"
+                ) from exc
         return
     pending = list(jobs)
     running: dict[int, _CompileJob] = {}

@@ -122,7 +122,9 @@ class PipelineModule:
                     f"servers lists {len(servers)} address(es) but the pipeline has "
                     f"{len(stages)} stages ({', '.join(s.name for s in stages)})"
                 )
-            sessions = [connect_server(stage, addr) for stage, addr in zip(stages, servers)]
+            sessions = [
+                connect_server(stage, addr) for stage, addr in zip(stages, servers, strict=True)
+            ]
         elif tracker is not None:
             sessions = []
             for stage in stages:
@@ -132,7 +134,7 @@ class PipelineModule:
             self._local_workers = start_local_workers(len(stages))
             sessions = [
                 connect_server(stage, f"{w.host}:{w.port}")
-                for stage, w in zip(stages, self._local_workers)
+                for stage, w in zip(stages, self._local_workers, strict=True)
             ]
         self._sessions = sessions
         for session in sessions:
@@ -143,14 +145,19 @@ class PipelineModule:
                 session.call("tvmpipe.stage.set_params", _blob(initial))
         addresses = {s.stage.name: s.address for s in sessions}
         for session in sessions:
-            session.call("tvmpipe.stage.start", self.wiring.start_message(session.stage.name, addresses, self.address))
+            session.call(
+                "tvmpipe.stage.start",
+                self.wiring.start_message(session.stage.name, addresses, self.address),
+            )
         for stage_name in self.wiring.input_stages():
             push = self._context.socket(zmq.PUSH)
             push.setsockopt(zmq.SNDHWM, HWM)
             push.setsockopt(zmq.LINGER, LINGER_MS)
             push.connect(addresses[stage_name])
             self._pushes[stage_name] = push
-        self._receiver = threading.Thread(target=self._receive_loop, name="tvmpipe-client-receive", daemon=True)
+        self._receiver = threading.Thread(
+            target=self._receive_loop, name="tvmpipe-client-receive", daemon=True
+        )
         self._receiver.start()
 
     # ----- the RFC's queue
@@ -167,7 +174,9 @@ class PipelineModule:
         with self._cond:
             if any(not q for q in self._queues.values()):
                 empty = [n for n, q in self._queues.items() if not q]
-                raise NothingToRunError(f"no complete input set is queued; missing: {', '.join(empty)}")
+                raise NothingToRunError(
+                    f"no complete input set is queued; missing: {', '.join(empty)}"
+                )
             inputs = {name: q.popleft() for name, q in self._queues.items()}
         self._launch(inputs, None)
 
@@ -205,7 +214,9 @@ class PipelineModule:
         self._launch(arrays, future)
         return future
 
-    def map(self, inputs: Iterable[Mapping[str, Any]], window: int | None = None) -> Iterator[list[np.ndarray]]:
+    def map(
+        self, inputs: Iterable[Mapping[str, Any]], window: int | None = None
+    ) -> Iterator[list[np.ndarray]]:
         """Outputs for each input set, in order, with at most ``window`` in flight."""
         limit = min(window or self.window, self.window)
         pending: collections.deque[Future[list[np.ndarray]]] = collections.deque()
@@ -222,17 +233,20 @@ class PipelineModule:
         if group not in self.lib.param_groups:
             raise KeyError(f"no parameter group {group!r}; groups: {sorted(self.lib.param_groups)}")
         stage = self.lib.stage(self.lib.param_groups[group])
-        allowed = {p: spec for p, spec in zip(stage.input_names, stage.inputs)}
+        allowed = {p: spec for p, spec in zip(stage.input_names, stage.inputs, strict=True)}
         names = set(self.lib.initial_params(stage))
         arrays = {}
         for name, value in params.items():
             if name not in names:
-                raise InputError(f"param group {group!r} has no weight {name!r}; it has {sorted(names)}")
+                raise InputError(
+                    f"param group {group!r} has no weight {name!r}; it has {sorted(names)}"
+                )
             array = np.asarray(value)
             spec = allowed[name]
-            if spec.dtype != str(array.dtype) or (spec.shape is not None and not spec.compatible(
-                type(spec)(name, str(array.dtype), tuple(array.shape))
-            )):
+            if spec.dtype != str(array.dtype) or (
+                spec.shape is not None
+                and not spec.compatible(type(spec)(name, str(array.dtype), tuple(array.shape)))
+            ):
                 raise InputError(
                     f"param group {group!r}: {name} expects {spec.describe()}, got "
                     f"{array.dtype}{list(array.shape)}"
@@ -298,9 +312,13 @@ class PipelineModule:
     def _session_of(self, stage: str) -> StageSession:
         return next(s for s in self._sessions if s.stage.name == stage)
 
-    def _launch(self, inputs: dict[str, np.ndarray], future: Future[list[np.ndarray]] | None) -> None:
+    def _launch(
+        self, inputs: dict[str, np.ndarray], future: Future[list[np.ndarray]] | None
+    ) -> None:
         with self._cond:
-            if not self._cond.wait_for(lambda: self._in_flight < self.window or self._closed, self.timeout):
+            if not self._cond.wait_for(
+                lambda: self._in_flight < self.window or self._closed, self.timeout
+            ):
                 raise BackpressureTimeout(
                     f"{self._in_flight} inputs are in flight (window {self.window}) and none "
                     f"finished within {self.timeout:.1f} s; call get_output() or raise the window"
@@ -315,7 +333,9 @@ class PipelineModule:
                 self._futures[seq] = future
         with self._send_lock:
             for stage, tensors in self.wiring.client_messages(inputs):
-                self._pushes[stage].send_multipart(encode(Message.data(seq, CLIENT, tensors)), copy=False)
+                self._pushes[stage].send_multipart(
+                    encode(Message.data(seq, CLIENT, tensors)), copy=False
+                )
 
     def _receive_loop(self) -> None:
         poller = zmq.Poller()
@@ -357,4 +377,3 @@ class PipelineModule:
 def _blob(arrays: Mapping[str, np.ndarray]) -> bytearray:
     tensors = {name: np.ascontiguousarray(value) for name, value in arrays.items()}
     return bytearray(encode_blob(Message.data(0, CLIENT, tensors)))
-

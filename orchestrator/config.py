@@ -8,6 +8,7 @@ identity (two equal IRModules are still two stages) and named ``mod1``, ``mod2``
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from .signature import Signature, TensorSpec, is_relax_module, signature_of
 DEVICES = ("cpu", "cuda", "opencl", "vulkan", "metal", "rocm")
 _AFFINITY = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+_DEFAULT_NAME = re.compile(r"^mod\d+$")
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,16 @@ class ModuleSettings:
                 f"{self._label()}: a module name must start with a letter or '_' and hold only "
                 f"letters, digits, '_', '.', '-'; got {value!r}"
             )
+        if _DEFAULT_NAME.match(value):
+            raise ConfigError(
+                f"{self._label()}: names like {value!r} are kept for default names (modN by "
+                f"topological position); choose another name"
+            )
         taken = [m for m in self._config.modules if m is not self._module]
         if any(self._config.name_of(m) == value for m in taken):
-            raise ConfigError(f"{self._label()}: the name {value!r} is already used by another module")
+            raise ConfigError(
+                f"{self._label()}: the name {value!r} is already used by another module"
+            )
         self._name = value
 
     @property
@@ -102,7 +111,7 @@ class ModuleSettings:
 
     @cpu_affinity.setter
     def cpu_affinity(self, value: str | None) -> None:
-        if value is not None and (not isinstance(value, str) or not _AFFINITY.match(value)):
+        if value is not None and (not isinstance(value, str) or not _valid_cores(value)):
             raise ConfigError(
                 f"{self._label()}: cpu_affinity must list cores like '0', '0-3' or '0,2'; "
                 f"got {value!r}"
@@ -115,7 +124,9 @@ class ModuleSettings:
 
     @num_threads.setter
     def num_threads(self, value: int | None) -> None:
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
             raise ConfigError(f"{self._label()}: num_threads must be a positive int; got {value!r}")
         self._num_threads = value
 
@@ -130,9 +141,7 @@ class ModuleSettings:
         checked: dict[str, np.ndarray] = {}
         for pname, value in values.items():
             self._config._check_param(self._module, pname)
-            self._config._check_unfed(
-                self._module, pname, "a bound param", include_params=False
-            )
+            self._config._check_unfed(self._module, pname, "a bound param", include_params=False)
             spec = self.signature.input(pname)
             assert spec is not None
             array = np.asarray(value.numpy() if hasattr(value, "numpy") else value)
@@ -157,9 +166,9 @@ class _Inputs(MutableMapping[str, tuple[Any, str]]):
         if not isinstance(name, str) or not name:
             raise ConfigError(f"a pipeline input name must be a non-empty str; got {name!r}")
         module, param = _pair(binding, f"cfg.inputs[{name!r}]", "(module, parameter name)")
-        self._config._register(module)
-        self._config._check_param(module, param)
-        self._config._check_unfed(module, param, f"pipeline input {name!r}", ignore_input=name)
+        with self._config._registering(module):
+            self._config._check_param(module, param)
+            self._config._check_unfed(module, param, f"pipeline input {name!r}", ignore_input=name)
         self._items[name] = (module, param)
 
     def __getitem__(self, name: str) -> tuple[Any, str]:
@@ -175,7 +184,7 @@ class _Inputs(MutableMapping[str, tuple[Any, str]]):
         return len(self._items)
 
 
-class _Outputs(list):  # type: ignore[type-arg]
+class _Outputs(list[tuple[Any, int]]):
     """``cfg.outputs.append((module, index))``, checked on every way in."""
 
     def __init__(self, config: PipelineModuleConfig):
@@ -184,8 +193,8 @@ class _Outputs(list):  # type: ignore[type-arg]
 
     def _checked(self, item: Any) -> tuple[Any, int]:
         module, index = _pair(item, "cfg.outputs entry", "(module, output index)")
-        self._config._register(module)
-        self._config._check_output(module, index)
+        with self._config._registering(module):
+            self._config._check_output(module, index)
         return (module, index)
 
     def append(self, item: Any) -> None:
@@ -203,7 +212,7 @@ class _Outputs(list):  # type: ignore[type-arg]
         else:
             super().__setitem__(index, self._checked(item))
 
-    def __iadd__(self, items: Any) -> _Outputs:
+    def __iadd__(self, items: Any) -> _Outputs:  # type: ignore[misc,override]
         self.extend(items)
         return self
 
@@ -218,13 +227,14 @@ class _ParamGroups(MutableMapping[str, Any]):
     def __setitem__(self, name: str, module: Any) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"a parameter group name must be a non-empty str; got {name!r}")
-        self._config._register(module)
         if not is_relax_module(module):
             raise ConfigError(f"param group {name!r}: only a Relax module can hold parameters")
-        if any(m is module for g, m in self._items.items() if g != name):
-            raise ConfigError(
-                f"param group {name!r}: {self._config.name_of(module)} already belongs to a group"
-            )
+        with self._config._registering(module):
+            if any(m is module for g, m in self._items.items() if g != name):
+                raise ConfigError(
+                    f"param group {name!r}: {self._config.name_of(module)} already belongs to a "
+                    f"group"
+                )
         self._items[name] = module
 
     def __getitem__(self, name: str) -> Any:
@@ -240,6 +250,13 @@ class _ParamGroups(MutableMapping[str, Any]):
         return len(self._items)
 
 
+def _valid_cores(spec: str) -> bool:
+    if not _AFFINITY.match(spec):
+        return False
+    ranges = [part.partition("-") for part in spec.split(",")]
+    return all(not last or int(first) <= int(last) for first, _, last in ranges)
+
+
 def _pair(item: Any, what: str, shape: str) -> tuple[Any, Any]:
     if not isinstance(item, tuple) or len(item) != 2:
         raise ConfigError(f"{what} must be a pair {shape}; got {item!r}")
@@ -252,10 +269,49 @@ class PipelineModuleConfig:
     def __init__(self) -> None:
         self.modules: list[Any] = []  # in order of first appearance
         self._settings: dict[int, ModuleSettings] = {}
-        self.inputs = _Inputs(self)
-        self.outputs = _Outputs(self)
+        self._inputs = _Inputs(self)
+        self._outputs = _Outputs(self)
         self.connections: list[Connection] = []
-        self.param_groups = _ParamGroups(self)
+        self._param_groups = _ParamGroups(self)
+
+    # Assigning a whole collection goes through the same checks as adding to it.
+    @property
+    def inputs(self) -> _Inputs:
+        return self._inputs
+
+    @inputs.setter
+    def inputs(self, items: Any) -> None:
+        fresh = _Inputs(self)
+        old, self._inputs = self._inputs, fresh
+        try:
+            fresh.update(dict(items))
+        except BaseException:
+            self._inputs = old
+            raise
+
+    @property
+    def outputs(self) -> _Outputs:
+        return self._outputs
+
+    @outputs.setter
+    def outputs(self, items: Any) -> None:
+        fresh = _Outputs(self)
+        fresh.extend(items)
+        self._outputs = fresh
+
+    @property
+    def param_groups(self) -> _ParamGroups:
+        return self._param_groups
+
+    @param_groups.setter
+    def param_groups(self, items: Any) -> None:
+        fresh = _ParamGroups(self)
+        old, self._param_groups = self._param_groups, fresh
+        try:
+            fresh.update(dict(items))
+        except BaseException:
+            self._param_groups = old
+            raise
 
     # ----- modules and names
     def __getitem__(self, module: Any) -> ModuleSettings:
@@ -270,6 +326,20 @@ class PipelineModuleConfig:
             return
         self._settings[id(module)] = ModuleSettings(self, module, signature_of(module))
         self.modules.append(module)
+
+    @contextlib.contextmanager
+    def _registering(self, *modules: Any) -> Iterator[None]:
+        """Register modules for a change; a refused change leaves no new module behind."""
+        new = [m for m in modules if id(m) not in self._settings]
+        try:
+            for module in modules:
+                self._register(module)
+            yield
+        except BaseException:
+            for module in new:
+                self._settings.pop(id(module), None)
+                self.modules = [m for m in self.modules if m is not module]
+            raise
 
     def signature(self, module: Any) -> Signature:
         return self[module].signature
@@ -306,8 +376,11 @@ class PipelineModuleConfig:
     # ----- wiring
     def connect(self, src: Any, src_index: int, dst: Any, dst_param: str) -> None:
         """``src.output(src_index) -> dst.dst_param``."""
-        self._register(src)
-        self._register(dst)
+        with self._registering(src, dst):
+            self._check_connection(src, src_index, dst, dst_param)
+        self.connections.append(Connection(src, src_index, dst, dst_param))
+
+    def _check_connection(self, src: Any, src_index: int, dst: Any, dst_param: str) -> None:
         self._check_output(src, src_index)
         self._check_param(dst, dst_param)
         if src is dst:
@@ -331,7 +404,6 @@ class PipelineModuleConfig:
                 f"the producer gives {produced.describe()} but the consumer expects "
                 f"{consumed.describe()}"
             )
-        self.connections.append(Connection(src, src_index, dst, dst_param))
 
     def _path(self, start: Any, goal: Any) -> list[Any] | None:
         """A path of connections from start to goal, if one exists (depth-first)."""
@@ -445,12 +517,10 @@ class PipelineModuleConfig:
         lines.append("Outputs:")
         lines += [f"  |- {self.name_of(m)}.output({i})" for m, i in self.outputs]
         lines.append("Connections:")
-        lines += [
-            f"  |- {self.name_of(c.src)}.output({c.src_index}) -> {self.name_of(c.dst)}.{c.dst_param}"
-            for c in self.connections
-        ]
+        for c in self.connections:
+            src, dst = self.name_of(c.src), self.name_of(c.dst)
+            lines.append(f"  |- {src}.output({c.src_index}) -> {dst}.{c.dst_param}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         return f"<PipelineModuleConfig {len(self.modules)} modules>"
-

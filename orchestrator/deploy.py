@@ -6,6 +6,7 @@ mapped here to a DeployError that names the stage and the worker.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import selectors
 import subprocess
@@ -31,7 +32,7 @@ class LocalWorker:
     """A ``tvmpipe-worker`` child process on loopback; it exits when this process goes away."""
 
     def __init__(self, host: str = "127.0.0.1", extra_args: Sequence[str] = ()):
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         command = [sys.executable, "-m", "tvmpipe.worker", "--host", host, "--port", "0"]
         command += ["--exit-with-parent", "--silent", *extra_args]
         self.process = subprocess.Popen(
@@ -68,10 +69,8 @@ class LocalWorker:
     def stop(self, timeout: float = 5.0) -> None:
         """Close its stdin (it stops its sessions and exits), then insist."""
         if self.process.stdin is not None and not self.process.stdin.closed:
-            try:
+            with contextlib.suppress(OSError):
                 self.process.stdin.close()
-            except OSError:
-                pass
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -102,7 +101,9 @@ class StageSession:
     def call(self, name: str, *args: Any) -> Any:
         with self._lock:
             if self._session is None:
-                raise DeployError(f"stage {self.stage.name!r}: its session on {self.peer} is closed")
+                raise DeployError(
+                    f"stage {self.stage.name!r}: its session on {self.peer} is closed"
+                )
             try:
                 func = self._functions.get(name)
                 if func is None:
@@ -163,10 +164,8 @@ class StageSession:
         """Stop the stage and end the session (dropping the last reference closes it)."""
         if self._session is None:
             return
-        try:
+        with contextlib.suppress(DeployError):  # a worker that is gone has nothing to stop
             self.call("tvmpipe.stage.stop")
-        except DeployError:
-            pass  # the worker is gone already: nothing left to stop
         with self._lock:
             self._functions.clear()
             self._session = None
@@ -180,7 +179,9 @@ def _remote_message(exc: BaseException) -> str:
     return text.strip()
 
 
-def connect_server(stage: StageInfo, address: str, timeout: float = REQUEST_TIMEOUT_S) -> StageSession:
+def connect_server(
+    stage: StageInfo, address: str, timeout: float = REQUEST_TIMEOUT_S
+) -> StageSession:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise DeployError(f"stage {stage.name!r}: server address {address!r} is not HOST:PORT")
@@ -263,4 +264,3 @@ def start_local_workers(count: int, host: str = "127.0.0.1") -> list[LocalWorker
             worker.stop()
         raise
     return workers
-

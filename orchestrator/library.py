@@ -11,6 +11,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -32,7 +33,7 @@ def tvm_version() -> str:
     try:
         return metadata.version("apache-tvm")
     except metadata.PackageNotFoundError:
-        import tvm  # noqa: PLC0415
+        import tvm
 
         return str(tvm.__version__)
 
@@ -120,7 +121,7 @@ class PipelineLibrary:
     connections: list[Edge]
     param_groups: dict[str, str]  # group -> stage name
     directory: Path  # where the artifacts live
-    _tempdir: Any = field(default=None, repr=False)
+    _cleanup: Any = field(default=None, repr=False)  # removes a build's temporary directory
     _runners: dict[str, StageRunner] = field(default_factory=dict, repr=False)
 
     # ----- lookups
@@ -153,14 +154,18 @@ class PipelineLibrary:
         try:
             array = np.asarray(value)
         except Exception as exc:
-            raise InputError(f"input {name!r}: cannot make an array of {type(value).__name__}") from exc
+            raise InputError(
+                f"input {name!r}: cannot make an array of {type(value).__name__}"
+            ) from exc
         spec = binding.spec
         if spec.dtype is not None and str(array.dtype) != spec.dtype:
             raise InputError(
                 f"input {name!r} expects dtype {spec.dtype} ({spec.describe()}), got {array.dtype}"
             )
         if array.dtype.kind not in "biufc":
-            raise InputError(f"input {name!r}: dtype {array.dtype} cannot travel; use a numeric one")
+            raise InputError(
+                f"input {name!r}: dtype {array.dtype} cannot travel; use a numeric one"
+            )
         given = TensorSpec(name, str(array.dtype), tuple(array.shape))
         if not spec.compatible(given):
             raise InputError(
@@ -198,7 +203,9 @@ class PipelineLibrary:
             )
         values: dict[tuple[str, str], Any] = {}
         for binding in self.inputs:
-            values[(binding.stage, binding.param)] = self.check_input(binding.name, inputs[binding.name])
+            values[(binding.stage, binding.param)] = self.check_input(
+                binding.name, inputs[binding.name]
+            )
         results: dict[str, list[np.ndarray]] = {}
         for stage in self.stages:
             runner = self.runner(stage)
@@ -215,9 +222,11 @@ class PipelineLibrary:
         """Replace a parameter group's weights for later ``run_local`` calls."""
         if group not in self.param_groups:
             raise KeyError(f"no parameter group {group!r}; groups: {list(self.param_groups)}")
-        self.runner(self.stage(self.param_groups[group])).set_params(
-            {k: np.asarray(v) for k, v in params.items()}
-        )
+        stage = self.stage(self.param_groups[group])
+        unknown = sorted(set(params) - set(self.initial_params(stage)))
+        if unknown:
+            raise KeyError(f"parameter group {group!r} has no weights {unknown}")
+        self.runner(stage).set_params({k: np.asarray(v) for k, v in params.items()})
 
     # ----- package
     def manifest(self) -> dict[str, Any]:
@@ -250,9 +259,8 @@ class PipelineLibrary:
     def close(self) -> None:
         """Forget the loaded stages and remove a build's temporary directory."""
         self._runners.clear()
-        if self._tempdir is not None:
-            self._tempdir.cleanup()
-            self._tempdir = None
+        if self._cleanup is not None:
+            self._cleanup()
 
 
 def _spec_fields(spec: TensorSpec) -> dict[str, Any]:
@@ -261,8 +269,13 @@ def _spec_fields(spec: TensorSpec) -> dict[str, Any]:
     return data
 
 
-def new_build_directory() -> tempfile.TemporaryDirectory[str]:
-    return tempfile.TemporaryDirectory(prefix="tvmpipe-build-")
+def new_build_directory() -> Path:
+    return Path(tempfile.mkdtemp(prefix="tvmpipe-build-"))
+
+
+def remove_with(owner: object, directory: Path) -> Any:
+    """Remove directory when owner is closed or collected, whichever comes first."""
+    return weakref.finalize(owner, shutil.rmtree, directory, True)
 
 
 def load_library(directory: str | Path) -> PipelineLibrary:
@@ -283,15 +296,38 @@ def load_library(directory: str | Path) -> PipelineLibrary:
             for i in data["inputs"]
         ]
         outputs = [OutputBinding(o["stage"], int(o["index"])) for o in data["outputs"]]
-        connections = [Edge(e["src"], int(e["index"]), e["dst"], e["param"]) for e in data["connections"]]
+        connections = [
+            Edge(e["src"], int(e["index"]), e["dst"], e["param"]) for e in data["connections"]
+        ]
         groups = {str(k): str(v) for k, v in data["param_groups"].items()}
-    except (KeyError, TypeError, ValueError) as exc:
+        _check_references(stages, inputs, outputs, connections, groups)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise PackageError(f"{manifest_path} is missing or has a malformed field: {exc!r}") from exc
     for stage in stages:
         _check_file(root, stage.artifact, stage.sha256, stage.name)
         if stage.params_file:
             _check_file(root, stage.params_file, stage.params_sha256 or "", stage.name)
     return PipelineLibrary(stages, inputs, outputs, connections, groups, root)
+
+
+def _check_references(
+    stages: list[StageInfo],
+    inputs: list[InputBinding],
+    outputs: list[OutputBinding],
+    connections: list[Edge],
+    groups: dict[str, str],
+) -> None:
+    """Every name the graph uses must be a stage of the package, every file name a string."""
+    names = {s.name for s in stages}
+    for stage in stages:
+        for field_name in ("name", "artifact", "sha256"):
+            if not isinstance(getattr(stage, field_name), str):
+                raise TypeError(f"stage field {field_name!r} must be a string")
+    used = [b.stage for b in inputs] + [o.stage for o in outputs] + list(groups.values())
+    used += [e.src for e in connections] + [e.dst for e in connections]
+    unknown = sorted(set(used) - names)
+    if unknown:
+        raise KeyError(f"the graph names stages {unknown} that the package does not hold")
 
 
 def _check_versions(data: Any, path: Path) -> None:

@@ -30,7 +30,11 @@ class TensorSpec:
     def describe(self) -> str:
         if self.dtype is None:
             return "any tensor"
-        dims = "?" if self.shape is None else ", ".join("?" if d is None else str(d) for d in self.shape)
+        dims = (
+            "?"
+            if self.shape is None
+            else ", ".join("?" if d is None else str(d) for d in self.shape)
+        )
         return f"{self.dtype}[{dims}]"
 
     def compatible(self, other: TensorSpec) -> bool:
@@ -41,7 +45,9 @@ class TensorSpec:
             return True
         if len(self.shape) != len(other.shape):
             return False
-        return all(a is None or b is None or a == b for a, b in zip(self.shape, other.shape))
+        return all(
+            a is None or b is None or a == b for a, b in zip(self.shape, other.shape, strict=True)
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype, "shape": _shape_json(self.shape)}
@@ -113,7 +119,9 @@ def _spec(name: str, ty: Any) -> TensorSpec:
     shape_expr = ty.shape
     if shape_expr is None or not hasattr(shape_expr, "values"):
         return TensorSpec(name, dtype, None)
-    dims = tuple(int(v.value) if isinstance(v, tvm.tirx.IntImm) else None for v in shape_expr.values)
+    dims = tuple(
+        int(v.value) if isinstance(v, tvm.tirx.IntImm) else None for v in shape_expr.values
+    )
     return TensorSpec(name, dtype, dims)
 
 

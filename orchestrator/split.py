@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import tvm
 from tvm import relax
+
 from tvmpipe.proto.errors import ConfigError
 
 from .config import PipelineModuleConfig

@@ -39,7 +39,9 @@ class Wiring:
             found.add(CLIENT)
         return sorted(found)
 
-    def destinations(self, stage: str, addresses: Mapping[str, str], client: str) -> list[dict[str, Any]]:
+    def destinations(
+        self, stage: str, addresses: Mapping[str, str], client: str
+    ) -> list[dict[str, Any]]:
         by_dst: dict[str, list[tuple[int, str]]] = {}
         for edge in self.lib.connections:
             if edge.src == stage:
@@ -48,23 +50,32 @@ class Wiring:
             {"name": dst, "address": addresses[dst], "tensors": tensors}
             for dst, tensors in by_dst.items()
         ]
-        outputs = [(o.index, str(pos)) for pos, o in enumerate(self.lib.outputs) if o.stage == stage]
+        outputs = [
+            (o.index, str(pos)) for pos, o in enumerate(self.lib.outputs) if o.stage == stage
+        ]
         if outputs:
             dests.append({"name": CLIENT, "address": client, "tensors": outputs})
         return dests
 
     def start_message(self, stage: str, addresses: Mapping[str, str], client: str) -> str:
         return json.dumps(
-            {"senders": self.senders(stage), "destinations": self.destinations(stage, addresses, client)}
+            {
+                "senders": self.senders(stage),
+                "destinations": self.destinations(stage, addresses, client),
+            }
         )
 
-    def client_messages(self, inputs: Mapping[str, np.ndarray]) -> list[tuple[str, dict[str, np.ndarray]]]:
+    def client_messages(
+        self, inputs: Mapping[str, np.ndarray]
+    ) -> list[tuple[str, dict[str, np.ndarray]]]:
         per_stage: dict[str, dict[str, np.ndarray]] = {}
         for binding in self.lib.inputs:
             per_stage.setdefault(binding.stage, {})[binding.param] = inputs[binding.name]
         return list(per_stage.items())
 
-    def assemble_outputs(self, seq: int, parts: Mapping[str, Message]) -> list[np.ndarray] | StageError:
+    def assemble_outputs(
+        self, seq: int, parts: Mapping[str, Message]
+    ) -> list[np.ndarray] | StageError:
         """The pipeline outputs for seq in ``cfg.outputs`` order, or the first stage error."""
         for part in parts.values():
             if part.type is MsgType.ERROR and part.error is not None:

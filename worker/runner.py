@@ -51,7 +51,7 @@ def load_python_function(module: str, function: str, source: Path | None) -> Cal
     """Import ``module.function``; fall back to the source file shipped in the package."""
     if module != "__main__":
         try:
-            return getattr(importlib.import_module(module), function)  # type: ignore[no-any-return]
+            return getattr(importlib.import_module(module), function)
         except (ImportError, AttributeError):
             if source is None:
                 raise
@@ -64,7 +64,7 @@ def load_python_function(module: str, function: str, source: Path | None) -> Cal
     loaded = importlib.util.module_from_spec(spec)
     sys.modules[name] = loaded
     spec.loader.exec_module(loaded)
-    return getattr(loaded, function)  # type: ignore[no-any-return]
+    return getattr(loaded, function)
 
 
 class StageRunner:
@@ -103,7 +103,12 @@ class StageRunner:
 
     def set_params(self, params: Mapping[str, np.ndarray]) -> None:
         """Replace some parameter-group weights; inputs that start later see the new values."""
-        converted = {name: tvm.runtime.tensor(np.asarray(v), self.device) for name, v in params.items()}
+        unknown = sorted(set(params) - set(self.input_names))
+        if unknown:
+            raise KeyError(f"the stage has no input {unknown}; its inputs: {self.input_names}")
+        converted = {
+            name: tvm.runtime.tensor(np.asarray(v), self.device) for name, v in params.items()
+        }
         with self._params_lock:
             self._params = {**self._params, **converted}
 
@@ -131,11 +136,11 @@ def _to_device(value: Any, device: Any) -> Any:
 
 def _as_outputs(result: Any) -> list[np.ndarray]:
     """A stage's result as a list of numpy arrays: one per output, tuples flattened once."""
-    items = list(result) if isinstance(result, (tuple, list, tvm_ffi.Array)) else [result]
+    items = list(result) if isinstance(result, (tuple, tvm_ffi.Array)) else [result]
     return [_to_numpy(item) for item in items]
 
 
 def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "numpy"):
-        return value.numpy()  # type: ignore[no-any-return]
+        return value.numpy()
     return np.asarray(value)

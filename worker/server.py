@@ -179,7 +179,9 @@ def run_server(
     register_functions()
     install_session_hook()
     WorkerState.bind_host = host
-    WorkerState.advertise_host = custom_addr or (host if host not in ("0.0.0.0", "", "::") else "127.0.0.1")
+    WorkerState.advertise_host = custom_addr or (
+        host if host not in ("0.0.0.0", "", "::") else "127.0.0.1"
+    )
     return tvm_rpc_server.PopenRPCServerState(
         host,
         port,

@@ -127,7 +127,9 @@ class Stage:
             (self._compute_loop, "compute"),
             (self._send_loop, "send"),
         ):
-            thread = threading.Thread(target=target, name=f"tvmpipe-{self.name}-{label}", daemon=True)
+            thread = threading.Thread(
+                target=target, name=f"tvmpipe-{self.name}-{label}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
 
@@ -273,4 +275,3 @@ class Stage:
             return q.get(timeout=POLL_MS / 1000)
         except queue.Empty:
             return None
-

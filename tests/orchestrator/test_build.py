@@ -342,11 +342,6 @@ def test_python_stage_returning_a_tuple_feeds_a_relax_module(rng: np.random.Gene
         lib.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: worker/runner.py _as_outputs splits a Python stage's list result into one "
-    "output per element; DESIGN.md says outputs are the return value, a tuple for several",
-)
 def test_python_stage_returning_a_list_has_one_output(rng: np.random.Generator) -> None:
     first = unary_module("negative", shape=(1, 4))
     cfg = PipelineModuleConfig()
@@ -459,9 +454,6 @@ def failing_config() -> PipelineModuleConfig:
     return cfg
 
 
-# A failed build leaves its temporary directory to the garbage collector (see the xfail test
-# below); its ResourceWarning is expected here and collected before the test ends.
-@pytest.mark.filterwarnings("ignore:Implicitly cleaning up:ResourceWarning")
 @pytest.mark.parametrize("jobs", [None, 1], ids=["default-jobs", "jobs-1"])
 def test_stage_that_fails_to_compile_raises_build_error_naming_it(jobs: int | None) -> None:
     with pytest.raises(BuildError) as err:
@@ -474,11 +466,6 @@ def test_stage_that_fails_to_compile_raises_build_error_naming_it(jobs: int | No
     assert "'mod1'" not in message and "'mod3'" not in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: build.py build_pipeline does not remove its temporary build directory when a "
-    "stage fails to compile; it lingers until garbage collection (with a ResourceWarning)",
-)
 @pytest.mark.filterwarnings("ignore:Implicitly cleaning up:ResourceWarning")
 @pytest.mark.parametrize("jobs", [None, 1], ids=["default-jobs", "jobs-1"])
 def test_failed_build_removes_its_build_directory(

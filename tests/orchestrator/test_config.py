@@ -114,23 +114,16 @@ def test_rename_refuses_a_taken_or_malformed_name(bad: object) -> None:
     assert snapshot(cfg) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a custom name equal to a later default name gives two modules the same name "
-    "(config.py name_of: default names do not skip names taken by cfg[m].name)",
-)
-def test_custom_name_never_duplicates_a_default_name() -> None:
+def test_custom_name_cannot_take_a_default_name() -> None:
     first, second = unary_module("negative"), unary_module("exp")
     cfg = PipelineModuleConfig()
-    cfg[first].name = "mod2"  # allowed: no other module is called mod2 yet
-    try:
-        cfg.inputs["x"] = (first, "data_0")
-        cfg.connect(first, 0, second, "data_0")  # second is now mod2 by default
-        cfg.outputs.append((second, 0))
-    except ConfigError:
-        return  # refusing the collision is a fine answer too
-    names = [cfg[m].name for m in cfg.modules]
-    assert len(set(names)) == len(names), f"two stages share a name: {names}\n{cfg}"
+    with pytest.raises(ConfigError, match="kept for default names"):
+        cfg[first].name = "mod2"
+    cfg[first].name = "pre"
+    cfg.inputs["x"] = (first, "data_0")
+    cfg.connect(first, 0, second, "data_0")
+    cfg.outputs.append((second, 0))
+    assert [cfg[m].name for m in cfg.modules] == ["pre", "mod2"]
 
 
 # ----- any DAG
@@ -313,11 +306,7 @@ def test_unknown_device_is_refused(device: str) -> None:
         "",
         3,
         pytest.param(
-            "3-0",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: config.py _AFFINITY accepts a reversed range '3-0' (no cores)",
-            ),
+            "3-0"
         ),
     ],
     ids=repr,
@@ -802,11 +791,6 @@ def _refuse_output_index_of_new(cfg, mods, new) -> None:  # type: ignore[no-unty
     cfg.outputs.append((new, 5))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a refused connect/inputs/outputs still registers a module the config had not "
-    "seen (config.py: _register runs before the checks), so build_pipeline later fails on it",
-)
 @pytest.mark.parametrize(
     "mistake",
     [_refuse_dtype_into_new, _refuse_unknown_param_of_new, _refuse_output_index_of_new],

@@ -198,11 +198,6 @@ def test_load_library_round_trips(
         assert_outputs(after, reference(**inputs))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: input bindings do not round trip: build.py names a binding's spec after the "
-    "module parameter ('data_0'), library.py load_library after the pipeline input ('data_2')",
-)
 def test_input_bindings_round_trip_exactly(built: PipelineLibrary, package: Path) -> None:
     assert load_library(package).inputs == built.inputs
 
@@ -350,10 +345,6 @@ def _drop(key: str) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
-def _bug(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=f"BUG: {reason}")
-
-
 @pytest.mark.parametrize(
     "edit",
     [
@@ -370,26 +361,14 @@ def _bug(reason: str) -> pytest.MarkDecorator:
         pytest.param(
             _set("param_groups", ["g"]),
             id="param-groups-a-list",
-            marks=_bug(
-                "library.py load_library: data['param_groups'].items() on a list raises "
-                "AttributeError, which the except (KeyError, TypeError, ValueError) misses"
-            ),
         ),
         pytest.param(
             _set_in_stage("inputs", [5]),
             id="stage-input-an-int",
-            marks=_bug(
-                "signature.py TensorSpec.from_json calls data.get on a non-dict: AttributeError "
-                "escapes load_library instead of a PackageError"
-            ),
         ),
         pytest.param(
             _set_in_stage("artifact", None),
             id="artifact-null",
-            marks=_bug(
-                "library.py _check_file computes root / name outside the try: TypeError escapes "
-                "load_library instead of a PackageError"
-            ),
         ),
     ],
 )
@@ -401,11 +380,6 @@ def test_malformed_field(copy: Path, edit: Callable[[dict[str, Any]], None]) -> 
         load_library(copy)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: library.py load_library does not check that connections, inputs, outputs and "
-    "param groups name stages of the package; run_local later fails with a bare KeyError",
-)
 def test_connection_to_a_stage_not_in_the_package(copy: Path) -> None:
     data = read_manifest(copy)
     data["connections"][0]["dst"] = "mod9"
