@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test lint demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,9 +29,6 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m tvmpipe.orchestrator.demo
-
-bench: $(STAMP)
-	$(PY) -m tvmpipe.orchestrator.cli bench
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,8 +1,8 @@
 """``tvmpipe``: small command-line helpers around a pipeline package.
 
-    tvmpipe info PIPE_DIR     print a package's stages, targets, devices and graph
-    tvmpipe demo [...]        the demo of ``make demo``
-    tvmpipe cluster [...]     a loopback tracker and workers, until Ctrl-C
+tvmpipe info PIPE_DIR     print a package's stages, targets, devices and graph
+tvmpipe demo [...]        the demo of ``make demo``
+tvmpipe cluster [...]     a loopback tracker and workers, until Ctrl-C
 """
 
 from __future__ import annotations
@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         info.add_argument("package", help="a directory written by lib.export_library")
         return _info(info.parse_args(rest).package)
     if command == "demo":
-        from .demo import main as demo_main  # noqa: PLC0415 - imports onnx
+        from .demo import main as demo_main
 
         return int(demo_main(rest) or 0)
-    from .localcluster import main as cluster_main  # noqa: PLC0415
+    from .localcluster import main as cluster_main
 
     return int(cluster_main(rest) or 0)
 

@@ -27,7 +27,6 @@ from tvmpipe.proto.errors import (
     NothingToRunError,
     PipelineClosedError,
     ProtocolError,
-    StageError,
 )
 from tvmpipe.proto.messages import (
     MAX_FRAME_BYTES,
@@ -94,7 +93,7 @@ class PipelineModule:
         }
         self._next_seq = 0
         self._launched: collections.deque[int] = collections.deque()  # by run(), not returned
-        self._results: dict[int, list[np.ndarray] | StageError] = {}
+        self._results: dict[int, list[np.ndarray] | Exception] = {}
         self._futures: dict[int, Future[list[np.ndarray]]] = {}
         self._in_flight = 0
         self._partial: dict[int, dict[str, Message]] = {}
@@ -153,6 +152,7 @@ class PipelineModule:
             push = self._context.socket(zmq.PUSH)
             push.setsockopt(zmq.SNDHWM, HWM)
             push.setsockopt(zmq.LINGER, LINGER_MS)
+            push.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))  # never block forever
             push.connect(addresses[stage_name])
             self._pushes[stage_name] = push
         self._receiver = threading.Thread(
@@ -195,7 +195,7 @@ class PipelineModule:
             result = self._results.pop(seq)
             self._in_flight -= 1
             self._cond.notify_all()
-        if isinstance(result, StageError):
+        if isinstance(result, Exception):
             raise result
         return result
 
@@ -333,9 +333,17 @@ class PipelineModule:
                 self._futures[seq] = future
         with self._send_lock:
             for stage, tensors in self.wiring.client_messages(inputs):
-                self._pushes[stage].send_multipart(
-                    encode(Message.data(seq, CLIENT, tensors)), copy=False
-                )
+                try:
+                    self._pushes[stage].send_multipart(
+                        encode(Message.data(seq, CLIENT, tensors)), copy=False
+                    )
+                except zmq.Again:
+                    error = BackpressureTimeout(
+                        f"stage {stage!r} accepted no input for {self.timeout:.1f} s; input "
+                        f"#{seq} was not delivered"
+                    )
+                    self._deliver(seq, error)
+                    raise error from None
 
     def _receive_loop(self) -> None:
         poller = zmq.Poller()
@@ -356,9 +364,14 @@ class PipelineModule:
             parts[msg.sender] = msg
             if len(parts) == len(senders):
                 del self._partial[msg.seq]
-                self._deliver(msg.seq, self.wiring.assemble_outputs(msg.seq, parts))
+                try:
+                    result = self.wiring.assemble_outputs(msg.seq, parts)
+                except KeyError:
+                    self._counters["dropped"] += 1
+                    continue
+                self._deliver(msg.seq, result)
 
-    def _deliver(self, seq: int, result: list[np.ndarray] | StageError) -> None:
+    def _deliver(self, seq: int, result: list[np.ndarray] | Exception) -> None:
         with self._cond:
             future = self._futures.pop(seq, None)
             if future is None:
@@ -368,7 +381,7 @@ class PipelineModule:
             self._counters["completed"] += 1
             self._cond.notify_all()
         if future is not None:
-            if isinstance(result, StageError):
+            if isinstance(result, Exception):
                 future.set_exception(result)
             else:
                 future.set_result(result)

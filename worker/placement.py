@@ -35,8 +35,8 @@ def check_cores(cpu_affinity: str | None) -> None:
         )
 
 
-def pin_current_thread(cpu_affinity: str | None, num_threads: int | None) -> None:
-    """Restrict this thread to the stage's cores and size TVM's pool to match."""
+def pin_current_thread(cpu_affinity: str | None, num_threads: int | None) -> dict[str, object]:
+    """Restrict this thread to the stage's cores and size TVM's pool; report what took effect."""
     cores = parse_cores(cpu_affinity) if cpu_affinity else []
     threads = num_threads or len(cores)
     if threads:
@@ -45,3 +45,7 @@ def pin_current_thread(cpu_affinity: str | None, num_threads: int | None) -> Non
         os.sched_setaffinity(0, cores)
         config = tvm.get_global_func("runtime.config_threadpool")
         config(_SHARE_ALL_CORES, threads, [str(c) for c in cores])
+    return {
+        "cores": sorted(os.sched_getaffinity(0)),
+        "threads": int(tvm.get_global_func("runtime.NumThreads")()),
+    }

@@ -90,11 +90,12 @@ class Stage:
         name: str,
         runner: StageRunner,
         bind_host: str,
-        on_compute_start: Callable[[], None] | None = None,
+        on_compute_start: Callable[[], dict[str, Any]] | None = None,
     ):
         self.name = name
         self.runner = runner
         self._on_compute_start = on_compute_start
+        self.placement: dict[str, Any] = {}  # cores and threads, as the compute thread sees them
         self.stats = StageStats()
         self._context = zmq.Context()
         self._pull = self._context.socket(zmq.PULL)
@@ -148,6 +149,7 @@ class Stage:
         with self._lock:
             summary = self.stats.summary()
             summary["pending_joins"] = len(self._pending)
+        summary.update(self.placement)
         summary["compute_queue"] = self._compute_queue.qsize()
         summary["send_queue"] = self._send_queue.qsize()
         return summary
@@ -202,7 +204,7 @@ class Stage:
 
     def _compute_loop(self) -> None:
         if self._on_compute_start is not None:
-            self._on_compute_start()
+            self.placement = self._on_compute_start()
         while not self._stopping.is_set():
             item = self._get(self._compute_queue)
             if item is None:
