@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 
@@ -17,3 +20,20 @@ def tmp_package_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_at_exit() -> Iterator[None]:
+    """The whole suite must leave no child process (workers, trackers, RPC sessions) behind."""
+    yield
+    me = psutil.Process()
+    deadline = time.monotonic() + 10
+    left = me.children(recursive=True)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = me.children(recursive=True)
+    for child in left:
+        child.kill()
+    assert not left, "the suite left processes running: " + "; ".join(
+        " ".join(p.cmdline()) for p in left if p.is_running()
+    )
