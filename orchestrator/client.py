@@ -39,12 +39,13 @@ from tvmpipe.proto.messages import (
 
 from .deploy import (
     LocalWorker,
+    PlainServerError,
     StageSession,
     connect_server,
     request_from_tracker,
     start_local_workers,
 )
-from .library import PipelineLibrary, load_library
+from .library import PipelineLibrary, StageInfo, load_library
 from .wiring import Wiring
 
 CLIENT = "client"
@@ -104,7 +105,9 @@ class PipelineModule:
         self._pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         self._pull.setsockopt(zmq.RCVHWM, HWM)
         self._pull.setsockopt(zmq.LINGER, 0)
-        port = self._pull.bind_to_random_port(f"tcp://{bind_host or client_host}")
+        self._client_host = client_host
+        self._bind_host = bind_host or client_host
+        port = self._pull.bind_to_random_port(f"tcp://{self._bind_host}")
         self.address = f"tcp://{client_host}:{port}"
         try:
             self._deploy(servers, tracker)
@@ -115,31 +118,39 @@ class PipelineModule:
     # ----- deployment
     def _deploy(self, servers: Sequence[str] | None, tracker: tuple[str, int] | None) -> None:
         stages = self.lib.stages
-        if servers is not None:
-            if len(servers) != len(stages):
-                raise DeployError(
-                    f"servers lists {len(servers)} address(es) but the pipeline has "
-                    f"{len(stages)} stages ({', '.join(s.name for s in stages)})"
-                )
-            sessions = [
-                connect_server(stage, addr) for stage, addr in zip(stages, servers, strict=True)
-            ]
-        elif tracker is not None:
-            sessions = []
-            for stage in stages:
-                sessions.append(request_from_tracker(stage, tracker))
-                self._sessions = sessions  # closed on failure
-        else:
-            self._local_workers = start_local_workers(len(stages))
-            sessions = [
-                connect_server(stage, f"{w.host}:{w.port}")
-                for stage, w in zip(stages, self._local_workers, strict=True)
-            ]
-        self._sessions = sessions
-        for session in sessions:
-            session.handshake()
-            session.upload_and_load(self.lib)
-            initial = self.lib.initial_params(session.stage)
+        if servers is not None and len(servers) != len(stages):
+            raise DeployError(
+                f"servers lists {len(servers)} address(es) but the pipeline has "
+                f"{len(stages)} stages ({', '.join(s.name for s in stages)})"
+            )
+        if servers is None and tracker is None:
+            self._local_workers = start_local_workers(len(stages), self._bind_host)
+        sessions: list[StageSession] = []
+        self._sessions = sessions  # closed by close() if a later step fails
+        for index, stage in enumerate(stages):
+            relay: dict[str, Any] | None = None
+            if servers is not None:
+                host, _, port = servers[index].rpartition(":")
+                session = connect_server(stage, servers[index])
+                relay = {"host": host, "port": port}
+            elif tracker is not None:
+                session = request_from_tracker(stage, tracker)
+                relay = {"tracker": list(tracker), "key": stage.rpc_key}
+            else:
+                worker = self._local_workers[index]
+                session = connect_server(stage, f"{worker.host}:{worker.port}")
+            sessions.append(session)
+            try:
+                session.handshake()
+            except PlainServerError:
+                if relay is None:
+                    raise
+                session.close()  # frees the plain server for the relay's own session
+                sessions[-1] = session = self._relay_session(stage)
+            else:
+                relay = None
+            session.upload_and_load(self.lib, relay)
+            initial = self.lib.initial_params(stage)
             if initial:
                 session.call("tvmpipe.stage.set_params", _blob(initial))
         addresses = {s.stage.name: s.address for s in sessions}
@@ -305,6 +316,15 @@ class PipelineModule:
         self.close()
 
     # ----- internals
+    def _relay_session(self, stage: StageInfo) -> StageSession:
+        """A local stage process that drives a plain TVM RPC server for this stage."""
+        worker = LocalWorker(self._bind_host, ["--custom-addr", self._client_host])
+        self._local_workers.append(worker)
+        host, port = worker.wait_ready()
+        session = connect_server(stage, f"{host}:{port}")
+        session.handshake()
+        return session
+
     def _check_open(self) -> None:
         if self._closed:
             raise PipelineClosedError("this PipelineModule is closed; create a new one")

@@ -85,6 +85,10 @@ class LocalWorker:
         self._stderr.close()
 
 
+class PlainServerError(DeployError):
+    """The server is TVM's own RPC server, without tvmpipe: the stage runs in relay mode."""
+
+
 class StageSession:
     """One stage on one worker, through one RPC session; calls are serialised."""
 
@@ -116,22 +120,23 @@ class StageSession:
                 ) from exc
 
     def handshake(self) -> None:
+        """Check versions; a server without tvmpipe raises PlainServerError (relay mode)."""
         try:
             reply = json.loads(self.call("tvmpipe.handshake", json.dumps(handshake_info())))
         except DeployError as exc:
-            if "tvmpipe.handshake" in str(exc) and "not" in str(exc).lower():
-                raise DeployError(
-                    f"stage {self.stage.name!r}: {self.peer} is a plain TVM RPC server without "
-                    f"tvmpipe; start it with 'tvmpipe-worker' instead of tvm.exec.rpc_server"
+            if "has no function 'tvmpipe.handshake'" in str(exc):
+                raise PlainServerError(
+                    f"stage {self.stage.name!r}: {self.peer} is a plain TVM RPC server"
                 ) from exc
             raise
         check_handshake(handshake_info(), reply, f"worker {self.peer}")
         self.devices = list(reply.get("devices", []))
         self.remote_pid = reply.get("pid")
 
-    def upload_and_load(self, lib: PipelineLibrary) -> None:
+    def upload_and_load(self, lib: PipelineLibrary, relay: dict[str, Any] | None = None) -> None:
+        """Ship the artifact and load it; with ``relay``, the stage runs on that plain server."""
         stage = self.stage
-        if stage.device not in self.devices:
+        if relay is None and stage.device not in self.devices:
             raise DeployError(
                 f"stage {stage.name!r} needs device {stage.device!r} but worker {self.peer} has "
                 f"only {', '.join(self.devices) or 'none'}"
@@ -139,7 +144,7 @@ class StageSession:
         path = lib.artifact_path(stage)
         with self._lock:
             try:
-                self._session.upload(str(path), target=stage.artifact)
+                self._session.upload(bytearray(path.read_bytes()), target=stage.artifact)
             except Exception as exc:
                 raise DeployError(
                     f"stage {stage.name!r}: uploading {stage.artifact} to {self.peer} failed: "
@@ -155,6 +160,7 @@ class StageSession:
             "python": stage.python,
             "cpu_affinity": stage.cpu_affinity,
             "num_threads": stage.num_threads,
+            "relay": relay,
         }
         reply = json.loads(self.call("tvmpipe.stage.load", json.dumps(spec)))
         self.address = reply["address"]

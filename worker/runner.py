@@ -13,7 +13,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import tvm
@@ -65,6 +65,19 @@ def load_python_function(module: str, function: str, source: Path | None) -> Cal
     sys.modules[name] = loaded
     spec.loader.exec_module(loaded)
     return getattr(loaded, function)
+
+
+class Runner(Protocol):
+    """What a stage's loops need from whatever computes it (local, or relayed to a board)."""
+
+    input_names: list[str]
+
+    @property
+    def param_names(self) -> frozenset[str]: ...
+
+    def set_params(self, params: Mapping[str, np.ndarray]) -> None: ...
+
+    def __call__(self, inputs: Mapping[str, Any]) -> list[np.ndarray]: ...
 
 
 class StageRunner:

@@ -34,7 +34,8 @@ from tvm.rpc import _ffi_api as rpc_ffi
 from tvmpipe.proto.messages import check_handshake, decode_blob, handshake_info
 
 from .placement import check_cores, pin_current_thread
-from .runner import StageRunner, tvm_device
+from .relay import RelayRunner
+from .runner import Runner, StageRunner, tvm_device
 from .stage import Destination, Stage
 
 DEVICES = ("cpu", "cuda", "opencl", "vulkan", "metal", "rocm")
@@ -74,6 +75,15 @@ def _load(spec_json: str) -> str:
     if digest != spec["sha256"]:
         raise RuntimeError(f"artifact {artifact.name} arrived damaged (sha256 {digest[:12]}...)")
     device = spec["device"]
+    relay = spec.get("relay")
+    if relay:
+        if spec["kind"] != "relax":
+            raise RuntimeError(
+                f"stage {spec['name']!r} is a Python function: a plain TVM RPC server cannot run "
+                f"it; start 'tvmpipe-worker' on that board instead"
+            )
+        relay_runner = RelayRunner(relay, artifact, device, spec["inputs"])
+        return _serve(spec, relay_runner)
     if device not in available_devices():
         raise RuntimeError(
             f"stage {spec['name']!r} needs device {device!r} but this worker has only "
@@ -88,6 +98,11 @@ def _load(spec_json: str) -> str:
         spec["inputs"],
         (python["module"], python["function"]) if python else None,
     )
+    return _serve(spec, runner)
+
+
+def _serve(spec: dict[str, Any], runner: Runner) -> str:
+    """Bind the stage's data socket; it starts when the controller sends its wiring."""
     affinity, threads = spec.get("cpu_affinity"), spec.get("num_threads")
     WorkerState.stage = Stage(
         spec["name"],

@@ -34,7 +34,7 @@ from tvmpipe.proto.messages import (
     encode,
 )
 
-from .runner import StageRunner
+from .runner import Runner
 
 POLL_MS = 50
 QUEUE_DEPTH = 4  # input sets waiting for compute, outputs waiting to be sent
@@ -88,7 +88,7 @@ class Stage:
     def __init__(
         self,
         name: str,
-        runner: StageRunner,
+        runner: Runner,
         bind_host: str,
         on_compute_start: Callable[[], dict[str, Any]] | None = None,
     ):

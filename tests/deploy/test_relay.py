@@ -1,0 +1,94 @@
+"""Relay mode: a stage on TVM's own RPC server (no tvmpipe there), chosen automatically."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import tvm
+from modules import rfc_example_modules, rfc_example_reference, wire_rfc_example
+
+from tvmpipe.orchestrator import PipelineModule, PipelineModuleConfig, build_pipeline
+from tvmpipe.orchestrator.deploy import LocalWorker
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def plain_server() -> Iterator[str]:
+    """``python -m tvm.exec.rpc_server`` on loopback; its port read from its own log line."""
+    log = tempfile.TemporaryFile()
+    start = _free_port()
+    command = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1"]
+    command += ["--port", str(start), "--port-end", str(start + 100)]
+    proc = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        port = None
+        while port is None and time.monotonic() < deadline:
+            assert proc.poll() is None, "the TVM RPC server exited during start-up"
+            log.seek(0)
+            found = re.search(rb"bind to 127\.0\.0\.1:(\d+)", log.read())
+            port = int(found.group(1)) if found else None
+            time.sleep(0.05)
+        assert port is not None, "the TVM RPC server did not report its port"
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture
+def tvmpipe_workers() -> Iterator[list[str]]:
+    workers = [LocalWorker() for _ in range(2)]
+    try:
+        yield [f"{host}:{port}" for host, port in (w.wait_ready() for w in workers)]
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def test_stage_on_a_plain_tvm_server_runs_in_relay_mode(
+    plain_server: str, tvmpipe_workers: list[str]
+) -> None:
+    mod1, mod2, mod3 = rfc_example_modules()
+    cfg = PipelineModuleConfig()
+    wire_rfc_example(cfg, mod1, mod2, mod3)
+    with tvm.transform.PassContext(opt_level=3):
+        lib = build_pipeline(cfg)
+    rng = np.random.default_rng(3)
+    sets = [[rng.standard_normal((1, 4)).astype("float32") for _ in range(3)] for _ in range(20)]
+    servers = [tvmpipe_workers[0], plain_server, tvmpipe_workers[1]]  # mod2 on the plain server
+    try:
+        with PipelineModule(lib, servers=servers) as pipe:
+            # The relay is a local stage process; the board itself is the plain server.
+            relay = pipe._sessions[1]
+            assert relay.peer != plain_server
+            assert relay.address.startswith("tcp://127.0.0.1:")
+            outputs = list(pipe.map({"data_0": a, "data_1": b, "data_2": c} for a, b, c in sets))
+            stats = pipe.stats()["stages"]
+        for (a, b, c), out in zip(sets, outputs, strict=True):
+            np.testing.assert_allclose(out[0], rfc_example_reference(a, b, c), rtol=1e-6)
+        assert stats["mod2"]["processed"] == len(sets)
+    finally:
+        lib.close()
