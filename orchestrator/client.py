@@ -14,6 +14,7 @@ import json
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,6 @@ import zmq
 
 from tvmpipe.proto.errors import (
     BackpressureTimeout,
-    DeployError,
     InputError,
     NothingToRunError,
     PipelineClosedError,
@@ -37,6 +37,7 @@ from tvmpipe.proto.messages import (
     encode_blob,
 )
 
+from .cluster import ClusterPlan, Placement, load_cluster, plan_from_arguments
 from .deploy import (
     LocalWorker,
     PlainServerError,
@@ -59,8 +60,10 @@ class PipelineModule:
 
     Where the stages run: by default one local loopback worker per stage, started here;
     ``servers=["host:port", ...]`` uses running workers in stage order; ``tracker=(host, port)``
-    asks TVM's tracker for a worker by each stage's ``rpc_key``. ``client_host`` is the address
-    the last stages send results to (this machine as the workers see it).
+    asks TVM's tracker for a worker by each stage's ``rpc_key``; ``cluster="file.toml"`` reads
+    both from a cluster file. A stage on TVM's own RPC server (no tvmpipe there) runs in relay
+    mode. ``client_host`` is the address the last stages send results to (this machine as the
+    workers see it); ``bind_host`` is where this process listens (default: ``client_host``).
     """
 
     def __init__(
@@ -69,16 +72,23 @@ class PipelineModule:
         *,
         servers: Sequence[str] | None = None,
         tracker: tuple[str, int] | None = None,
+        cluster: str | Path | None = None,
         window: int = 256,
         timeout: float = 60.0,
-        client_host: str = "127.0.0.1",
+        client_host: str | None = None,
         bind_host: str | None = None,
     ):
-        if servers is not None and tracker is not None:
-            raise ValueError("give servers or tracker, not both")
+        if sum(x is not None for x in (servers, tracker, cluster)) > 1:
+            raise ValueError("give at most one of servers, tracker and cluster")
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         self.lib = lib if isinstance(lib, PipelineLibrary) else load_library(lib)
+        if cluster is not None:
+            plan = load_cluster(cluster, self.lib)
+        else:
+            plan = plan_from_arguments(self.lib, servers, tracker)
+        client_host = client_host or plan.client_host or "127.0.0.1"
+        bind_host = bind_host or plan.bind_host
         self.window = window
         self.timeout = timeout
         self.wiring = Wiring(self.lib)
@@ -110,34 +120,34 @@ class PipelineModule:
         port = self._pull.bind_to_random_port(f"tcp://{self._bind_host}")
         self.address = f"tcp://{client_host}:{port}"
         try:
-            self._deploy(servers, tracker)
+            self._deploy(plan)
         except BaseException:
             self.close()
             raise
 
     # ----- deployment
-    def _deploy(self, servers: Sequence[str] | None, tracker: tuple[str, int] | None) -> None:
+    def _deploy(self, plan: ClusterPlan) -> None:
         stages = self.lib.stages
-        if servers is not None and len(servers) != len(stages):
-            raise DeployError(
-                f"servers lists {len(servers)} address(es) but the pipeline has "
-                f"{len(stages)} stages ({', '.join(s.name for s in stages)})"
-            )
-        if servers is None and tracker is None:
-            self._local_workers = start_local_workers(len(stages), self._bind_host)
+        local = [s for s in stages if plan.placements[s.name] == Placement()]
+        if local:
+            self._local_workers = start_local_workers(len(local), self._bind_host)
+        workers = iter(list(self._local_workers))
         sessions: list[StageSession] = []
         self._sessions = sessions  # closed by close() if a later step fails
-        for index, stage in enumerate(stages):
+        for stage in stages:
+            place = plan.placements[stage.name]
+            stage = replace(stage, **place.options)
             relay: dict[str, Any] | None = None
-            if servers is not None:
-                host, _, port = servers[index].rpartition(":")
-                session = connect_server(stage, servers[index])
+            if place.server is not None:
+                host, _, port = place.server.rpartition(":")
+                session = connect_server(stage, place.server)
                 relay = {"host": host, "port": port}
-            elif tracker is not None:
-                session = request_from_tracker(stage, tracker)
-                relay = {"tracker": list(tracker), "key": stage.rpc_key}
+            elif place.key is not None:
+                assert plan.tracker is not None
+                session = request_from_tracker(stage, plan.tracker, place.key)
+                relay = {"tracker": list(plan.tracker), "key": place.key}
             else:
-                worker = self._local_workers[index]
+                worker = next(workers)
                 session = connect_server(stage, f"{worker.host}:{worker.port}")
             sessions.append(session)
             try:

@@ -200,10 +200,13 @@ def connect_server(
 
 
 def request_from_tracker(
-    stage: StageInfo, tracker: tuple[str, int], timeout: float = REQUEST_TIMEOUT_S
+    stage: StageInfo,
+    tracker: tuple[str, int],
+    key: str | None = None,
+    timeout: float = REQUEST_TIMEOUT_S,
 ) -> StageSession:
-    """Ask the tracker for a free worker registered under the stage's key."""
-    key = stage.rpc_key
+    """Ask the tracker for a free worker registered under ``key`` (default: the stage's)."""
+    key = key or stage.rpc_key
     if not key:
         raise DeployError(
             f"stage {stage.name!r} has no rpc_key: set cfg[module].rpc_key to the key its "

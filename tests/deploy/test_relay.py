@@ -32,30 +32,29 @@ def _free_port() -> int:
 @pytest.fixture
 def plain_server() -> Iterator[str]:
     """``python -m tvm.exec.rpc_server`` on loopback; its port read from its own log line."""
-    log = tempfile.TemporaryFile()
-    start = _free_port()
-    command = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1"]
-    command += ["--port", str(start), "--port-end", str(start + 100)]
-    proc = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        port = None
-        while port is None and time.monotonic() < deadline:
-            assert proc.poll() is None, "the TVM RPC server exited during start-up"
-            log.seek(0)
-            found = re.search(rb"bind to 127\.0\.0\.1:(\d+)", log.read())
-            port = int(found.group(1)) if found else None
-            time.sleep(0.05)
-        assert port is not None, "the TVM RPC server did not report its port"
-        yield f"127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+    with tempfile.TemporaryFile() as log:
+        start = _free_port()
+        command = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1"]
+        command += ["--port", str(start), "--port-end", str(start + 100)]
+        proc = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+            deadline = time.monotonic() + 60
+            port = None
+            while port is None and time.monotonic() < deadline:
+                assert proc.poll() is None, "the TVM RPC server exited during start-up"
+                log.seek(0)
+                found = re.search(rb"bind to 127\.0\.0\.1:(\d+)", log.read())
+                port = int(found.group(1)) if found else None
+                time.sleep(0.05)
+            assert port is not None, "the TVM RPC server did not report its port"
+            yield f"127.0.0.1:{port}"
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 @pytest.fixture
