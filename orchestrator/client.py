@@ -27,6 +27,7 @@ from tvmpipe.proto.errors import (
     NothingToRunError,
     PipelineClosedError,
     ProtocolError,
+    StageLostError,
 )
 from tvmpipe.proto.messages import (
     MAX_FRAME_BYTES,
@@ -46,6 +47,7 @@ from .deploy import (
     request_from_tracker,
     start_local_workers,
 )
+from .health import StageMonitor
 from .library import PipelineLibrary, StageInfo, load_library
 from .wiring import Wiring
 
@@ -111,6 +113,8 @@ class PipelineModule:
         self._counters = collections.Counter[str]()
         self._stopping = threading.Event()
         self._receiver: threading.Thread | None = None
+        self._monitor: StageMonitor | None = None
+        self._lost: StageLostError | None = None
         self._pull = self._context.socket(zmq.PULL)
         self._pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         self._pull.setsockopt(zmq.RCVHWM, HWM)
@@ -176,6 +180,8 @@ class PipelineModule:
             push.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))  # never block forever
             push.connect(addresses[stage_name])
             self._pushes[stage_name] = push
+        self._monitor = StageMonitor(sessions, self._stage_lost)
+        self._monitor.start()
         self._receiver = threading.Thread(
             target=self._receive_loop, name="tvmpipe-client-receive", daemon=True
         )
@@ -191,7 +197,7 @@ class PipelineModule:
 
     def run(self) -> None:
         """Launch the oldest complete input set; returns without waiting for its result."""
-        self._check_open()
+        self._check_usable()
         with self._cond:
             if any(not q for q in self._queues.values()):
                 empty = [n for n, q in self._queues.items() if not q]
@@ -223,7 +229,7 @@ class PipelineModule:
     # ----- beyond the RFC
     def submit(self, inputs: Mapping[str, Any]) -> Future[list[np.ndarray]]:
         """Launch one complete input set; the future holds its outputs (or the StageError)."""
-        self._check_open()
+        self._check_usable()
         names = set(self.lib.input_names())
         if set(inputs) != names:
             raise InputError(
@@ -250,7 +256,7 @@ class PipelineModule:
 
     def set_params(self, group: str, params: Mapping[str, Any]) -> None:
         """Replace some weights of a parameter group; inputs computed afterwards use them."""
-        self._check_open()
+        self._check_usable()
         if group not in self.lib.param_groups:
             raise KeyError(f"no parameter group {group!r}; groups: {sorted(self.lib.param_groups)}")
         stage = self.lib.stage(self.lib.param_groups[group])
@@ -302,6 +308,8 @@ class PipelineModule:
             self._closed = True
             self._cond.notify_all()
         self._stopping.set()
+        if self._monitor is not None:
+            self._monitor.stop()
         if self._receiver is not None:
             self._receiver.join(5)
         for session in self._sessions:
@@ -339,6 +347,28 @@ class PipelineModule:
         if self._closed:
             raise PipelineClosedError("this PipelineModule is closed; create a new one")
 
+    def _check_usable(self) -> None:
+        """Open, and no stage lost: new inputs could complete."""
+        self._check_open()
+        if self._lost is not None:
+            raise self._lost
+
+    def _stage_lost(self, stage: str, reason: str) -> None:
+        """Fail every input in flight, and refuse new ones: they cannot complete."""
+        error = StageLostError(stage, f"stage {stage!r} is lost: {reason}")
+        with self._cond:
+            if self._lost is not None or self._closed:
+                return
+            self._lost = error
+            for seq in self._launched:
+                self._results.setdefault(seq, error)
+            futures = list(self._futures.values())
+            self._futures.clear()
+            self._in_flight -= len(futures)
+            self._cond.notify_all()
+        for future in futures:
+            future.set_exception(error)
+
     def _session_of(self, stage: str) -> StageSession:
         return next(s for s in self._sessions if s.stage.name == stage)
 
@@ -347,13 +377,13 @@ class PipelineModule:
     ) -> None:
         with self._cond:
             if not self._cond.wait_for(
-                lambda: self._in_flight < self.window or self._closed, self.timeout
+                lambda: self._in_flight < self.window or self._closed or self._lost, self.timeout
             ):
                 raise BackpressureTimeout(
                     f"{self._in_flight} inputs are in flight (window {self.window}) and none "
                     f"finished within {self.timeout:.1f} s; call get_output() or raise the window"
                 )
-            self._check_open()
+            self._check_usable()
             seq = self._next_seq
             self._next_seq += 1
             self._in_flight += 1

@@ -26,6 +26,7 @@ from .library import PipelineLibrary, StageInfo
 
 READY_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 60.0
+CALL_LOCK_TIMEOUT_S = 30.0
 
 
 class LocalWorker:
@@ -102,8 +103,14 @@ class StageSession:
         self.remote_pid: int | None = None
         self.devices: list[str] = []
 
-    def call(self, name: str, *args: Any) -> Any:
-        with self._lock:
+    def call(self, name: str, *args: Any, wait: float = CALL_LOCK_TIMEOUT_S) -> Any:
+        """Call a remote function; waits at most ``wait`` s for a call already under way."""
+        if not self._lock.acquire(timeout=wait):
+            raise DeployError(
+                f"stage {self.stage.name!r} on worker {self.peer}: an earlier call has not "
+                f"returned for {wait:.0f} s; the worker is unreachable"
+            )
+        try:
             if self._session is None:
                 raise DeployError(
                     f"stage {self.stage.name!r}: its session on {self.peer} is closed"
@@ -118,6 +125,8 @@ class StageSession:
                     f"stage {self.stage.name!r} on worker {self.peer}: {name} failed: "
                     f"{_remote_message(exc)}"
                 ) from exc
+        finally:
+            self._lock.release()
 
     def handshake(self) -> None:
         """Check versions; a server without tvmpipe raises PlainServerError (relay mode)."""
@@ -166,15 +175,21 @@ class StageSession:
         self.address = reply["address"]
         self.remote_pid = reply.get("pid", self.remote_pid)
 
-    def close(self) -> None:
-        """Stop the stage and end the session (dropping the last reference closes it)."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the stage and end the session (dropping the last reference closes it).
+
+        A worker that is gone has nothing to stop; one that no longer answers is given
+        ``timeout`` seconds, then its session is dropped anyway.
+        """
         if self._session is None:
             return
-        with contextlib.suppress(DeployError):  # a worker that is gone has nothing to stop
-            self.call("tvmpipe.stage.stop")
-        with self._lock:
-            self._functions.clear()
-            self._session = None
+        with contextlib.suppress(DeployError):
+            _bounded(lambda: self.call("tvmpipe.stage.stop", wait=timeout), timeout, "stop")
+        got = self._lock.acquire(timeout=timeout)
+        self._functions.clear()
+        self._session = None
+        if got:
+            self._lock.release()
 
 
 def _remote_message(exc: BaseException) -> str:

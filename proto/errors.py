@@ -12,6 +12,7 @@
         ├── PipelineClosedError          the pipeline was closed
         ├── InputError (ValueError)      a wrong input name, dtype or shape
         ├── NothingToRunError            run() with no complete input set queued
+        ├── StageLostError               a stage's worker died or became unreachable
         └── BackpressureTimeout (TimeoutError)  the in-flight window stayed full too long
 
 Lower-level errors (ZeroMQ, OS, TVM's RPCError) are mapped to these where they are caught,
@@ -78,6 +79,14 @@ class InputError(PipelineError, ValueError):
 
 class NothingToRunError(PipelineError):
     """run() was called while no complete input set is queued."""
+
+
+class StageLostError(PipelineError):
+    """A stage's worker died or became unreachable; inputs in flight cannot complete."""
+
+    def __init__(self, stage: str, message: str):
+        self.stage = stage
+        super().__init__(message)
 
 
 class BackpressureTimeout(PipelineError, TimeoutError):

@@ -1,0 +1,337 @@
+"""``make demo``: a real network split in three, deployed by tracker key, checked input by input.
+
+It starts TVM's tracker and three ``tvmpipe-worker``\\ s on loopback (a LocalCluster under key
+"demo"), imports SqueezeNet from the ``onnx`` package with seeded random weights, cuts it into
+stages that balance multiply-adds, builds them and the unsplit model, streams the inputs through
+the pipeline, and compares every result with the unsplit model run in this process. It prints
+the per-stage statistics and both throughputs as measured, and exits 1 if any result differs.
+
+    python -m tvmpipe.orchestrator.demo [--inputs 64] [--stages 3] [--model light_squeezenet]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from tvmpipe.proto.errors import TvmpipeError
+
+from .build import build_pipeline
+from .client import PipelineModule
+from .localcluster import LocalCluster
+from .models import example_input, load_onnx_model
+from .split import split_module
+
+KEY = "demo"
+RTOL, ATOL = 1e-5, 1e-6
+# Inputs in flight: enough to keep every stage busy with one queued behind it, and no more;
+# more would only lengthen the queues, not raise throughput.
+WINDOW_PER_STAGE = 2
+
+
+@dataclass
+class Run:
+    """One way of computing the outputs of all inputs, and how long it took."""
+
+    label: str
+    outputs: list[list[np.ndarray]]
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return len(self.outputs) / self.seconds
+
+
+# ----- choosing the cuts
+def binding_costs(mod: tvm.IRModule) -> list[float]:
+    """Multiply-adds of each binding of ``main`` (convolutions, matmuls); else its output size.
+
+    The split is balanced by this static estimate: it needs no compile and no timing, and on
+    SqueezeNet it balances the measured stage times far better than equal binding counts.
+    """
+    costs: list[float] = []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            costs.append(_cost(binding.value, binding.var.ty))
+    return costs
+
+
+def _dims(ty: Any) -> list[int] | None:
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    values = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in ty.shape.values]
+    return None if None in values else [int(v) for v in values if v is not None]
+
+
+def _cost(value: relax.Expr, ty: Any) -> float:
+    out = _dims(ty)
+    if out is None:
+        return 0.0
+    size = float(np.prod(out))
+    op = value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else ""
+    if op in ("relax.nn.conv2d", "relax.nn.conv1d", "relax.nn.conv3d"):
+        weight = _dims(value.args[1].ty)
+        if weight is not None:
+            return size * float(np.prod(weight[1:]))  # (in / groups) * kernel per output
+    if op == "relax.matmul":
+        lhs = _dims(value.args[0].ty)
+        if lhs:
+            return size * lhs[-1]
+    return size
+
+
+def balanced_cuts(costs: Sequence[float], n_stages: int) -> list[int]:
+    """Cut positions that give each stage about ``1/n_stages`` of the total cost."""
+    cumulative = np.cumsum(costs)
+    total = float(cumulative[-1])
+    cuts: list[int] = []
+    for k in range(1, n_stages):
+        cut = int(np.searchsorted(cumulative, total * k / n_stages)) + 1
+        cut = max(cut, (cuts[-1] + 1) if cuts else 1)
+        cuts.append(min(cut, len(costs) - (n_stages - k)))
+    return cuts
+
+
+def shares(costs: Sequence[float], cuts: Sequence[int]) -> list[float]:
+    bounds = [0, *cuts, len(costs)]
+    total = float(sum(costs))
+    return [sum(costs[a:b]) / total for a, b in itertools.pairwise(bounds)]
+
+
+# ----- the unsplit model in this process
+def run_unsplit(
+    executable: Any,
+    mod: tvm.IRModule,
+    inputs: Sequence[dict[str, np.ndarray]],
+    threads: int | None,
+) -> tuple[list[list[np.ndarray]], float, int]:
+    """Run every input through the unsplit model; returns outputs, seconds and thread count.
+
+    In a fresh thread: TVM's thread pool is per thread, so ``threads`` applies to this run
+    only, and a fresh VirtualMachine starts as cold as the pipeline's stages do.
+    """
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            if threads:
+                config = tvm.get_global_func("runtime.config_threadpool")
+                config(-3, threads, [str(c) for c in sorted(os.sched_getaffinity(0))][:threads])
+            used = int(tvm.get_global_func("runtime.NumThreads")())
+            vm = relax.VirtualMachine(executable, tvm.cpu())
+            names = [p.name for p in mod["main"].params]
+            args = [[tvm.runtime.tensor(x[n]) for n in names] for x in inputs]
+            start = time.perf_counter()
+            outputs = [_as_list(vm["main"](*a)) for a in args]
+            result["value"] = (outputs, time.perf_counter() - start, used)
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=work, name="tvmpipe-demo-unsplit")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    value: tuple[list[list[np.ndarray]], float, int] = result["value"]
+    return value
+
+
+def _as_list(value: Any) -> list[np.ndarray]:
+    if isinstance(value, tvm.runtime.Tensor):
+        return [value.numpy()]
+    return [x for v in value for x in _as_list(v)]
+
+
+# ----- comparing and reporting
+def mismatches(got: Sequence[list[np.ndarray]], expected: Sequence[list[np.ndarray]]) -> list[str]:
+    """One line per input whose outputs differ from the reference beyond RTOL/ATOL."""
+    bad = []
+    for i, (outs, refs) in enumerate(zip(got, expected, strict=True)):
+        if len(outs) != len(refs):
+            bad.append(f"input {i}: {len(outs)} outputs, expected {len(refs)}")
+            continue
+        for k, (out, ref) in enumerate(zip(outs, refs, strict=True)):
+            try:
+                np.testing.assert_allclose(out, ref, rtol=RTOL, atol=ATOL)
+            except AssertionError:
+                diff = np.abs(out.astype(np.float64) - ref) if out.shape == ref.shape else None
+                detail = f"max |diff| {diff.max():.3g}" if diff is not None else "shape differs"
+                bad.append(f"input {i}, output {k}: {detail} ({out.shape} vs {ref.shape})")
+    return bad
+
+
+def stage_table(stats: dict[str, Any]) -> list[str]:
+    header = ("stage", "device", "worker", "threads", "inputs", "mean ms", "p99 ms")
+    rows = [header]
+    for name, s in stats["stages"].items():
+        rows.append(
+            (
+                name,
+                str(s.get("device", "?")),
+                str(s.get("worker", "?")),
+                str(s.get("threads", "?")),
+                str(s.get("processed", 0)),
+                f"{s.get('service_mean_s', 0.0) * 1e3:.1f}",
+                f"{s.get('service_p99_s', 0.0) * 1e3:.1f}",
+            )
+        )
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.ljust(w) if c < 3 else cell.rjust(w)
+            for c, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  " + "  ".join(cells))
+    return lines
+
+
+@contextmanager
+def step(what: str) -> Iterator[None]:
+    """Print ``what...``, then how long it took, on the same line."""
+    print(f"{what}...", end=" ", flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"{time.perf_counter() - start:.1f} s", flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tvmpipe.orchestrator.demo", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--inputs", type=int, default=64, help="inputs to stream (default 64)")
+    parser.add_argument("--stages", type=int, default=3, help="pipeline stages (default 3)")
+    parser.add_argument("--model", default="light_squeezenet", help="an onnx 'light' model")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    parser.add_argument(
+        "--cuts", help="binding positions to cut at, e.g. 42,82 (default: balanced)"
+    )
+    parser.add_argument(
+        "--stage-threads", type=int, default=None, help="TVM threads per stage (default: TVM's)"
+    )
+    args = parser.parse_args(argv)
+    if args.inputs < 1 or args.stages < 1:
+        parser.error("--inputs and --stages must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    print(f"tvmpipe demo: {args.model} from the onnx package, seeded random weights")
+    try:
+        code = _demo(args)
+    except TvmpipeError as exc:
+        print(f"\nerror: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    print(f"done in {time.perf_counter() - start:.0f} s")
+    return code
+
+
+def _demo(args: argparse.Namespace) -> int:
+    n = args.stages
+    with step("loading the model"):
+        mod = load_onnx_model(args.model, args.seed)
+        costs = binding_costs(mod)
+        inputs = [example_input(mod, seed=args.seed + i) for i in range(args.inputs)]
+    if args.cuts:
+        cuts = [int(c) for c in args.cuts.split(",")]
+        how = "as given"
+    else:
+        cuts = balanced_cuts(costs, n) if n > 1 else []
+        how = "balanced by multiply-adds"
+    share = " / ".join(f"{s:.0%}" for s in shares(costs, cuts))
+    print(
+        f"{len(costs)} bindings, {sum(costs) / 1e6:.0f} M multiply-adds; cut at {cuts} "
+        f"({how}: {share})"
+    )
+    cfg = split_module(mod, cuts)
+    for module in cfg.modules:
+        cfg[module].rpc_key = KEY
+        cfg[module].num_threads = args.stage_threads
+    # Before the cluster starts: the build forks compilers and waits for its children.
+    building = f"building {len(cfg.modules)} stages and the unsplit model (opt_level=3)"
+    with step(building), tvm.transform.PassContext(opt_level=3):
+        lib = build_pipeline(cfg)
+        executable = tvm.compile(mod, "llvm")
+    try:
+        pipeline, stats = _stream(lib, inputs, len(cfg.modules))
+    finally:
+        lib.close()
+    unsplit: list[Run] = []
+    cores = len(os.sched_getaffinity(0))
+    with step(f"running the unsplit model on the same {len(inputs)} inputs in this process"):
+        outputs, seconds, default_threads = run_unsplit(executable, mod, inputs, None)
+        label = f"unsplit, {_threads(default_threads)} (TVM's default)"
+        unsplit.append(Run(label, outputs, seconds))
+        if default_threads != cores:
+            outputs, seconds, used = run_unsplit(executable, mod, inputs, cores)
+            unsplit.append(Run(f"unsplit, {_threads(used)} (all cores)", outputs, seconds))
+
+    print()
+    print("\n".join(stage_table(stats)))
+    if cores < len(cfg.modules):
+        print(
+            f"  ({len(cfg.modules)} stages share {cores} cores here: a service time is wall-clock "
+            f"and includes waiting for a core)"
+        )
+    print()
+    for run in (pipeline, *unsplit):
+        print(f"  {run.label:<40} {run.rate:6.2f} inputs/s  ({run.seconds:.1f} s)")
+    best = max(unsplit, key=lambda r: r.rate)
+    print(f"  {'speedup over the faster unsplit run':<40} {pipeline.rate / best.rate:6.2f}x")
+    print()
+
+    reference = unsplit[0].outputs
+    bad = mismatches(pipeline.outputs, reference)
+    total = len(reference)
+    if bad:
+        print(f"{total - len(bad)}/{total} results match the unsplit model; these differ:")
+        for line in bad[:20]:
+            print(f"  {line}")
+        if len(bad) > 20:
+            print(f"  ... and {len(bad) - 20} more")
+        return 1
+    print(f"{total}/{total} results match the unsplit model (rtol {RTOL:g}, atol {ATOL:g})")
+    return 0
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread" if n == 1 else f"{n} threads"
+
+
+def _stream(
+    lib: Any, inputs: Sequence[dict[str, np.ndarray]], n_stages: int
+) -> tuple[Run, dict[str, Any]]:
+    """Stream the inputs through the pipeline on a LocalCluster; the outputs and the stats."""
+    n_workers = n_stages
+    with step(f"starting TVM's tracker and {n_workers} workers under key {KEY!r}"):
+        cluster = LocalCluster(n_workers, key=KEY)
+    with cluster:
+        with step("deploying the stages by tracker key"):
+            pipe = PipelineModule(lib, tracker=cluster.tracker)
+        with pipe:
+            window = WINDOW_PER_STAGE * n_stages
+            with step(f"streaming {len(inputs)} inputs through the pipeline ({window} in flight)"):
+                begin = time.perf_counter()
+                outputs = [list(o) for o in pipe.map(inputs, window=window)]
+                seconds = time.perf_counter() - begin
+            stats = pipe.stats()
+        label = f"pipeline, {n_stages} stages on {n_workers} workers"
+    return Run(label, outputs, seconds), stats
+
+
+if __name__ == "__main__":
+    sys.exit(main())
