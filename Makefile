@@ -21,8 +21,9 @@ test: $(STAMP)
 # mypy cannot follow setuptools' package-dir mapping, so it checks a tree of links shaped like
 # the installed namespace (build/typecheck/tvmpipe/{orchestrator,worker,proto}).
 lint: $(STAMP)
-	$(VENV)/bin/ruff check orchestrator worker proto tests
-	$(VENV)/bin/ruff format --check orchestrator worker proto tests
+	$(VENV)/bin/ruff check orchestrator worker proto deploy tests
+	$(VENV)/bin/ruff format --check orchestrator worker proto deploy tests
+	if command -v shellcheck >/dev/null; then shellcheck deploy/netns/*.sh; fi
 	rm -rf build/typecheck && mkdir -p build/typecheck/tvmpipe
 	for p in orchestrator worker proto; do ln -s ../../../$$p build/typecheck/tvmpipe/$$p; done
 	cd build/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p tvmpipe

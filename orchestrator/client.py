@@ -287,7 +287,7 @@ class PipelineModule:
         stages = {}
         for session in self._sessions:
             data = json.loads(session.call("tvmpipe.stage.stats"))
-            data.update(device=session.stage.device, worker=session.peer)
+            data.update(device=session.stage.device, worker=session.peer, address=session.address)
             stages[session.stage.name] = data
         with self._cond:
             client = {
@@ -312,8 +312,9 @@ class PipelineModule:
             self._monitor.stop()
         if self._receiver is not None:
             self._receiver.join(5)
+        lost = self._lost.stage if self._lost is not None else None
         for session in self._sessions:
-            session.close()
+            session.close(stop=session.stage.name != lost)
         self._sessions = []
         for push in self._pushes.values():
             push.close(linger=0)
@@ -393,10 +394,10 @@ class PipelineModule:
                 self._futures[seq] = future
         with self._send_lock:
             for stage, tensors in self.wiring.client_messages(inputs):
+                frames = encode(Message.data(seq, CLIENT, tensors))
                 try:
-                    self._pushes[stage].send_multipart(
-                        encode(Message.data(seq, CLIENT, tensors)), copy=False
-                    )
+                    self._pushes[stage].send_multipart(frames, copy=False)
+                    self._counters["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
                 except zmq.Again:
                     error = BackpressureTimeout(
                         f"stage {stage!r} accepted no input for {self.timeout:.1f} s; input "
@@ -412,8 +413,10 @@ class PipelineModule:
         while not self._stopping.is_set():
             if not poller.poll(POLL_MS):
                 continue
+            frames = self._pull.recv_multipart(copy=False)
+            self._counters["bytes_in"] += sum(len(f.buffer) for f in frames)
             try:
-                msg = decode(self._pull.recv_multipart(copy=False))
+                msg = decode(frames)
             except ProtocolError:
                 self._counters["dropped"] += 1
                 continue

@@ -175,16 +175,17 @@ class StageSession:
         self.address = reply["address"]
         self.remote_pid = reply.get("pid", self.remote_pid)
 
-    def close(self, timeout: float = 5.0) -> None:
+    def close(self, stop: bool = True, timeout: float = 5.0) -> None:
         """Stop the stage and end the session (dropping the last reference closes it).
 
-        A worker that is gone has nothing to stop; one that no longer answers is given
-        ``timeout`` seconds, then its session is dropped anyway.
+        ``stop=False`` for a worker known to be lost: a call to an unreachable board could
+        wait for minutes. A call still under way is given ``timeout`` seconds.
         """
         if self._session is None:
             return
-        with contextlib.suppress(DeployError):
-            _bounded(lambda: self.call("tvmpipe.stage.stop", wait=timeout), timeout, "stop")
+        if stop:
+            with contextlib.suppress(DeployError):
+                self.call("tvmpipe.stage.stop", wait=timeout)
         got = self._lock.acquire(timeout=timeout)
         self._functions.clear()
         self._session = None
