@@ -199,13 +199,17 @@ class PipelineModule:
         """Launch the oldest complete input set; returns without waiting for its result."""
         self._check_usable()
         with self._cond:
-            if any(not q for q in self._queues.values()):
-                empty = [n for n, q in self._queues.items() if not q]
-                raise NothingToRunError(
-                    f"no complete input set is queued; missing: {', '.join(empty)}"
-                )
+            self._check_complete_set()
+            self._wait_for_room()  # a refused run leaves the set queued
+            self._check_complete_set()
             inputs = {name: q.popleft() for name, q in self._queues.items()}
-        self._launch(inputs, None)
+            seq = self._number(None)
+        self._send(seq, inputs)
+
+    def _check_complete_set(self) -> None:
+        empty = [n for n, q in self._queues.items() if not q]
+        if empty:
+            raise NothingToRunError(f"no complete input set is queued; missing: {', '.join(empty)}")
 
     def get_output(self, timeout: float | None = None) -> list[np.ndarray]:
         """The next result in launch order; ``[]`` if it is not ready (after ``timeout`` s)."""
@@ -216,6 +220,7 @@ class PipelineModule:
             seq = self._launched[0]
             if timeout and seq not in self._results:
                 self._cond.wait_for(lambda: seq in self._results or self._closed, timeout)
+                self._check_open()
             if seq not in self._results:
                 return []
             self._launched.popleft()
@@ -238,7 +243,10 @@ class PipelineModule:
         arrays = {name: self.lib.check_input(name, value) for name, value in inputs.items()}
         future: Future[list[np.ndarray]] = Future()
         future.set_running_or_notify_cancel()
-        self._launch(arrays, future)
+        with self._cond:
+            self._wait_for_room()
+            seq = self._number(future)
+        self._send(seq, arrays)
         return future
 
     def map(
@@ -373,25 +381,29 @@ class PipelineModule:
     def _session_of(self, stage: str) -> StageSession:
         return next(s for s in self._sessions if s.stage.name == stage)
 
-    def _launch(
-        self, inputs: dict[str, np.ndarray], future: Future[list[np.ndarray]] | None
-    ) -> None:
-        with self._cond:
-            if not self._cond.wait_for(
-                lambda: self._in_flight < self.window or self._closed or self._lost, self.timeout
-            ):
-                raise BackpressureTimeout(
-                    f"{self._in_flight} inputs are in flight (window {self.window}) and none "
-                    f"finished within {self.timeout:.1f} s; call get_output() or raise the window"
-                )
-            self._check_usable()
-            seq = self._next_seq
-            self._next_seq += 1
-            self._in_flight += 1
-            if future is None:
-                self._launched.append(seq)
-            else:
-                self._futures[seq] = future
+    def _wait_for_room(self) -> None:
+        """Wait (holding ``_cond``) until the window has room; raise after ``timeout``."""
+        if not self._cond.wait_for(
+            lambda: self._in_flight < self.window or self._closed or self._lost, self.timeout
+        ):
+            raise BackpressureTimeout(
+                f"{self._in_flight} inputs are in flight (window {self.window}) and none "
+                f"finished within {self.timeout:.1f} s; call get_output() or raise the window"
+            )
+        self._check_usable()
+
+    def _number(self, future: Future[list[np.ndarray]] | None) -> int:
+        """Give the next input its sequence number (holding ``_cond``)."""
+        seq = self._next_seq
+        self._next_seq += 1
+        self._in_flight += 1
+        if future is None:
+            self._launched.append(seq)
+        else:
+            self._futures[seq] = future
+        return seq
+
+    def _send(self, seq: int, inputs: dict[str, np.ndarray]) -> None:
         with self._send_lock:
             for stage, tensors in self.wiring.client_messages(inputs):
                 frames = encode(Message.data(seq, CLIENT, tensors))

@@ -171,7 +171,8 @@ class PipelineLibrary:
             raise InputError(
                 f"input {name!r} expects shape {spec.describe()}, got {list(array.shape)}"
             )
-        return array
+        # A copy: the caller may reuse its buffer, and the send may borrow this one.
+        return np.array(array, order="C", copy=True)
 
     # ----- local execution
     def runner(self, stage: StageInfo) -> StageRunner:

@@ -212,3 +212,36 @@ def as_list(data):  # type: ignore[no-untyped-def]
 
 def takes_varargs(*tensors):  # type: ignore[no-untyped-def]
     return tensors
+
+
+# ----- Python stages for the integration tests (tests/integration)
+
+FAIL_MARKER = -7.0  # fail_on_marker raises on an input whose first element is this value
+
+
+def argmax_softmax(logits):  # type: ignore[no-untyped-def]
+    """Two outputs: the index of the largest logit per row, and the softmax per row."""
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return np.argmax(logits, axis=-1), (shifted / shifted.sum(axis=-1, keepdims=True))
+
+
+def fail_on_marker(data):  # type: ignore[no-untyped-def]
+    """``data * 2``, but raises ValueError when the first element is FAIL_MARKER."""
+    if float(data.flat[0]) == FAIL_MARKER:
+        raise ValueError(f"marker value {FAIL_MARKER} seen in the input")
+    return data * 2
+
+
+def sleep_then_copy(data):  # type: ignore[no-untyped-def]
+    """Sleeps ``data.flat[0]`` seconds (a slow stage on demand), then returns ``data``."""
+    import time
+
+    time.sleep(float(data.flat[0]))
+    return data.copy()
+
+
+def none_on_marker(data):  # type: ignore[no-untyped-def]
+    """``data * 2``, but returns None (a missing return) when the first element is FAIL_MARKER."""
+    if float(data.flat[0]) == FAIL_MARKER:
+        return None
+    return data * 2

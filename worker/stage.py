@@ -243,17 +243,22 @@ class Stage:
                 continue
             seq, result = item
             for dest, push in self._pushes:
-                if isinstance(result, RemoteError):
-                    msg = Message.failure(seq, self.name, result)
-                else:
-                    msg = Message.data(seq, self.name, {n: result[i] for i, n in dest.tensors})
-                frames = encode(msg)
+                frames = self._frames(seq, dest, result)
                 if not self._send(push, frames):
                     return
                 with self._lock:
                     self.stats.bytes_out += sum(len(memoryview(f)) for f in frames)
             with self._lock:
                 self.stats.sent += 1
+
+    def _frames(self, seq: int, dest: Destination, result: Any) -> list[Any]:
+        """The message for one destination; an output that cannot travel fails this input."""
+        if not isinstance(result, RemoteError):
+            try:
+                return encode(Message.data(seq, self.name, {n: result[i] for i, n in dest.tensors}))
+            except ProtocolError as exc:
+                result = RemoteError.from_exception(self.name, exc)
+        return encode(Message.failure(seq, self.name, result))
 
     def _send(self, push: zmq.Socket[Any], frames: list[Any]) -> bool:
         """Send, waiting while the peer's queue is full; False once the stage is stopping."""

@@ -1,0 +1,340 @@
+"""Fixtures for the integration tests: a real TVM tracker, real tvmpipe workers, and after
+every test a check that no process and no thread was left behind.
+
+Every server listens on an ephemeral loopback port and is known to be ready by polling with a
+deadline (its ready line, or its listening socket), never by sleeping a fixed time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import psutil
+import pytest
+import tvm
+from modules import rfc_example_modules, wire_rfc_example
+from tvm import rpc
+
+from tvmpipe.orchestrator import PipelineLibrary, PipelineModuleConfig, build_pipeline
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 5.0
+LEAK_DEADLINE_S = 10.0
+TOKEN_ENV = "TVMPIPE_INTEGRATION_TEST_TOKEN"
+
+
+def build(cfg: PipelineModuleConfig) -> PipelineLibrary:
+    with tvm.transform.PassContext(opt_level=3):
+        return build_pipeline(cfg)
+
+
+@pytest.fixture(scope="session")
+def rfc_lib() -> Iterator[PipelineLibrary]:
+    """DESIGN.md's three-module example, built once for the session."""
+    mod1, mod2, mod3 = rfc_example_modules()
+    cfg = PipelineModuleConfig()
+    wire_rfc_example(cfg, mod1, mod2, mod3)
+    lib = build(cfg)
+    yield lib
+    lib.close()
+
+
+# ----- leak checks
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid} (parent {proc.ppid()}): {' '.join(proc.cmdline())}"
+    except psutil.Error:
+        return f"pid {proc.pid} (gone)"
+
+
+def _marked_processes(token: str) -> list[psutil.Process]:
+    """Every live process that inherited this test's token, children and orphans alike."""
+    me = os.getpid()
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            if proc.environ().get(TOKEN_ENV) == token and _alive(proc):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _left_processes(token: str) -> list[psutil.Process]:
+    me = psutil.Process()
+    left = {p.pid: p for p in me.children(recursive=True) if _alive(p)}
+    left.update({p.pid: p for p in _marked_processes(token)})
+    return list(left.values())
+
+
+def _leaked_threads(before: set[int]) -> list[threading.Thread]:
+    return [
+        t
+        for t in threading.enumerate()
+        if t is not threading.main_thread()
+        and t.ident not in before
+        and (not t.daemon or "tvmpipe" in t.name)
+    ]
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """After each test: no child process (nor any process it started, even orphaned) and no new
+    non-daemon or tvmpipe thread. Whatever leaked is killed, then the test fails naming it."""
+    token = uuid.uuid4().hex
+    old = os.environ.get(TOKEN_ENV)
+    os.environ[TOKEN_ENV] = token  # inherited by every process the test starts
+    threads_before = {t.ident for t in threading.enumerate() if t.ident is not None}
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(TOKEN_ENV, None)
+        else:
+            os.environ[TOKEN_ENV] = old
+    deadline = time.monotonic() + LEAK_DEADLINE_S
+    left = _left_processes(token)
+    threads = _leaked_threads(threads_before)
+    while (left or threads) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = _left_processes(token)
+        threads = _leaked_threads(threads_before)
+    described = [_describe(p) for p in left]
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(left, timeout=STOP_TIMEOUT_S)  # reaps those that are our children
+    problems = []
+    if described:
+        problems.append("processes left running: " + "; ".join(described))
+    if threads:
+        problems.append(
+            "threads left running: " + ", ".join(f"{t.name} (daemon={t.daemon})" for t in threads)
+        )
+    assert not problems, " / ".join(problems)
+
+
+# ----- a real TVM tracker
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _listens_on(root: psutil.Process, port: int) -> bool:
+    """Whether root or one of its descendants listens on port (the tracker binds in a child)."""
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return False
+    for proc in procs:
+        try:
+            for conn in proc.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port:
+                    return True
+        except psutil.Error:
+            continue
+    return False
+
+
+def _stop_group(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM the process group, then SIGKILL it if it has not exited by the deadline."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout)
+    # the group may hold the tracker's popen_worker after its parent exited
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def tracker_summary(tracker: tuple[str, int]) -> dict[str, Any]:
+    session = rpc.connect_tracker(*tracker)
+    try:
+        return session.summary()  # type: ignore[no-any-return]
+    finally:
+        session.close()
+
+
+def free_servers(tracker: tuple[str, int], key: str) -> int:
+    """How many servers are registered and free under key."""
+    queue = tracker_summary(tracker)["queue_info"].get(key, {})
+    return int(queue.get("free", 0))
+
+
+def wait_for_free_servers(
+    tracker: tuple[str, int], key: str, count: int, timeout: float = READY_TIMEOUT_S
+) -> None:
+    deadline = time.monotonic() + timeout
+    free = free_servers(tracker, key)
+    while free < count:
+        assert time.monotonic() < deadline, (
+            f"only {free} of {count} servers registered under key {key!r} within {timeout} s"
+        )
+        time.sleep(0.05)
+        free = free_servers(tracker, key)
+
+
+@pytest.fixture
+def tracker() -> Iterator[tuple[str, int]]:
+    """``python -m tvm.exec.rpc_tracker`` on a free loopback port; yields (host, port).
+
+    The port is chosen here and the tracker is told to use only that one; it is ready once its
+    own process tree listens there and it answers a summary request. If another process took the
+    port in between, the tracker exits and another port is tried."""
+    host = "127.0.0.1"
+    for _ in range(5):
+        port = _free_port()
+        command = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host]
+        command += ["--port", str(port), "--port-end", str(port + 1), "--silent"]
+        with tempfile.TemporaryFile() as log:
+            proc = subprocess.Popen(
+                command, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+            try:
+                root = psutil.Process(proc.pid)
+                deadline = time.monotonic() + READY_TIMEOUT_S
+                while proc.poll() is None and not _listens_on(root, port):
+                    assert time.monotonic() < deadline, "the tracker did not start listening"
+                    time.sleep(0.05)
+                if proc.poll() is not None:
+                    continue  # the port was taken: try another
+                assert "queue_info" in tracker_summary((host, port))
+                yield host, port
+                return
+            finally:
+                _stop_group(proc)
+    pytest.fail("could not start a tracker on a free port in 5 tries")
+
+
+# ----- tvmpipe workers started by hand
+
+
+@dataclass
+class Worker:
+    process: subprocess.Popen[bytes]
+    stderr: IO[bytes]
+    key: str | None
+    host: str = "127.0.0.1"
+    port: int = 0
+    _stdout: Any = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stderr_text(self) -> str:
+        self.stderr.seek(0)
+        return self.stderr.read().decode(errors="replace")[-3000:]
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Read ``tvmpipe-worker ready HOST:PORT`` from its stdout, with a deadline."""
+        stdout = self.process.stdout
+        assert stdout is not None
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as selector:
+            selector.register(stdout, selectors.EVENT_READ)
+            while time.monotonic() < deadline:
+                if selector.select(timeout=0.1):
+                    line = stdout.readline().decode(errors="replace")
+                    if line.startswith("tvmpipe-worker ready "):
+                        host, _, port = line.split()[-1].rpartition(":")
+                        self.host, self.port = host, int(port)
+                        return
+                    assert line, f"the worker closed its stdout: {self.stderr_text()}"
+                assert self.process.poll() is None, f"the worker exited: {self.stderr_text()}"
+        pytest.fail(f"the worker printed no ready line within {timeout} s: {self.stderr_text()}")
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Close its stdin (it exits with its parent), then SIGTERM, then SIGKILL."""
+        if self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        self.stderr.close()
+
+
+WorkerFactory = Callable[..., list[Worker]]
+
+
+@pytest.fixture
+def worker_factory() -> Iterator[WorkerFactory]:
+    """``worker_factory(n, tracker=(host, port), key="k")`` starts n ``python -m tvmpipe.worker``
+    on loopback ports (registered with the tracker under key if given, and then only returned
+    once the tracker lists them as free); all are stopped when the test ends."""
+    started: list[Worker] = []
+    registered: dict[tuple[tuple[str, int], str], int] = {}
+
+    def start(
+        count: int = 1, *, tracker: tuple[str, int] | None = None, key: str | None = None
+    ) -> list[Worker]:
+        assert (tracker is None) == (key is None), "give both tracker and key, or neither"
+        workers = []
+        for _ in range(count):
+            command = [sys.executable, "-m", "tvmpipe.worker", "--host", "127.0.0.1"]
+            command += ["--port", "0", "--exit-with-parent", "--silent"]
+            if tracker is not None:
+                command += ["--tracker", f"{tracker[0]}:{tracker[1]}", "--key", str(key)]
+            stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in Worker.stop
+            proc = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr
+            )
+            worker = Worker(proc, stderr, key)
+            started.append(worker)
+            workers.append(worker)
+        for worker in workers:
+            worker.wait_ready()
+        if tracker is not None and key is not None:
+            total = registered[(tracker, key)] = registered.get((tracker, key), 0) + count
+            wait_for_free_servers(tracker, key, total)
+        return workers
+
+    try:
+        yield start
+    finally:
+        for worker in started:
+            worker.stop()
