@@ -27,6 +27,7 @@ from modules import (
     wire_old_tvm_test,
     wire_rfc_example,
 )
+
 from tvmpipe.orchestrator import (
     BuildError,
     ConfigError,

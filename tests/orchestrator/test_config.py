@@ -20,6 +20,7 @@ from modules import (
     wire_old_tvm_test,
     wire_rfc_example,
 )
+
 from tvmpipe.orchestrator import ConfigError, PipelineModuleConfig, build_pipeline
 
 
@@ -305,9 +306,7 @@ def test_unknown_device_is_refused(device: str) -> None:
         "0 1",
         "",
         3,
-        pytest.param(
-            "3-0"
-        ),
+        pytest.param("3-0"),
     ],
     ids=repr,
 )

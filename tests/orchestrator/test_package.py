@@ -19,6 +19,7 @@ from modules import (
     rfc_example_modules,
     weighted_module,
 )
+
 from tvmpipe.orchestrator import (
     PackageError,
     PipelineLibrary,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tvm
 from tvm import relax
+
 from tvmpipe.orchestrator.config import PipelineModuleConfig
 from tvmpipe.orchestrator.split import split_module
 

@@ -16,6 +16,7 @@ from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
+
 from tvmpipe.orchestrator.config import PipelineModuleConfig
 from tvmpipe.orchestrator.split import split_module
 from tvmpipe.proto.errors import ConfigError

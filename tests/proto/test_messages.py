@@ -9,6 +9,7 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
+
 from tvmpipe.proto import (
     MAX_FRAME_BYTES,
     MAX_TENSORS,
