@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import threading
+import time
 import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -180,7 +181,7 @@ def _compile_all(jobs: list[_CompileJob], parallel: int) -> None:
         while pending and len(running) < parallel:
             job = pending.pop(0)
             running[_fork_compile(job)] = job
-        pid, status = os.wait()
+        pid, status = _wait_any(list(running))
         job = running.pop(pid)
         if os.waitstatus_to_exitcode(status) != 0:
             error_file = job.path.with_suffix(".error")
@@ -188,6 +189,16 @@ def _compile_all(jobs: list[_CompileJob], parallel: int) -> None:
             failures.append(f"stage {job.stage!r} failed to compile for {job.target}:\n{detail}")
     if failures:
         raise BuildError("\n".join(failures))
+
+
+def _wait_any(pids: list[int]) -> tuple[int, int]:
+    """Wait for one of our own compile processes (os.wait would reap anyone's child)."""
+    while True:
+        for pid in pids:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return done, status
+        time.sleep(0.02)
 
 
 def _fork_compile(job: _CompileJob) -> int:

@@ -369,6 +369,9 @@ class PipelineModule:
             if self._lost is not None or self._closed:
                 return
             self._lost = error
+            for session in self._sessions:
+                if session.stage.name == stage:
+                    session.abort()
             for seq in self._launched:
                 self._results.setdefault(seq, error)
             futures = list(self._futures.values())

@@ -6,12 +6,18 @@ stages that balance multiply-adds, builds them and the unsplit model, streams th
 the pipeline, and compares every result with the unsplit model run in this process. It prints
 the per-stage statistics and both throughputs as measured, and exits 1 if any result differs.
 
+Each stage gets one TVM thread that may run on every core (``cpu_affinity``). Left to TVM's
+defaults, creating a one-thread pool pins the thread that creates it to core 0, and the worker
+creates it before the stage's first input, so every stage would share core 0;
+``--stage-cores tvm`` shows that.
+
     python -m tvmpipe.orchestrator.demo [--inputs 64] [--stages 3] [--model light_squeezenet]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import sys
@@ -23,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import psutil
 import tvm
 from tvm import relax
 
@@ -43,23 +50,29 @@ WINDOW_PER_STAGE = 2
 
 @dataclass
 class Run:
-    """One way of computing the outputs of all inputs, and how long it took."""
+    """One way of computing the outputs of all inputs: how long it took, on how many cores."""
 
     label: str
     outputs: list[list[np.ndarray]]
     seconds: float
+    cpu_seconds: float  # CPU time of every process involved, over the same interval
 
     @property
     def rate(self) -> float:
         return len(self.outputs) / self.seconds
+
+    @property
+    def cores(self) -> float:
+        return self.cpu_seconds / self.seconds
 
 
 # ----- choosing the cuts
 def binding_costs(mod: tvm.IRModule) -> list[float]:
     """Multiply-adds of each binding of ``main`` (convolutions, matmuls); else its output size.
 
-    The split is balanced by this static estimate: it needs no compile and no timing, and on
-    SqueezeNet it balances the measured stage times far better than equal binding counts.
+    The split is balanced by this static estimate: it needs no compile and no timing. On
+    SqueezeNet it cuts at [40, 99], whose stages take 65, 79 and 88 ms (one thread each, run
+    alone), where the cuts [42, 82] give 65, 51 and 116 ms.
     """
     costs: list[float] = []
     for block in mod["main"].body.blocks:
@@ -111,31 +124,25 @@ def shares(costs: Sequence[float], cuts: Sequence[int]) -> list[float]:
 
 
 # ----- the unsplit model in this process
-def run_unsplit(
-    executable: Any,
-    mod: tvm.IRModule,
-    inputs: Sequence[dict[str, np.ndarray]],
-    threads: int | None,
-) -> tuple[list[list[np.ndarray]], float, int]:
-    """Run every input through the unsplit model; returns outputs, seconds and thread count.
+def run_unsplit(executable: Any, mod: tvm.IRModule, inputs: Sequence[dict[str, np.ndarray]]) -> Run:
+    """Every input through the unsplit model, with TVM's default threads.
 
-    In a fresh thread: TVM's thread pool is per thread, so ``threads`` applies to this run
-    only, and a fresh VirtualMachine starts as cold as the pipeline's stages do.
+    In a fresh thread with a fresh VirtualMachine, so it starts as cold as the stages do.
     """
     result: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            if threads:
-                config = tvm.get_global_func("runtime.config_threadpool")
-                config(-3, threads, [str(c) for c in sorted(os.sched_getaffinity(0))][:threads])
-            used = int(tvm.get_global_func("runtime.NumThreads")())
             vm = relax.VirtualMachine(executable, tvm.cpu())
             names = [p.name for p in mod["main"].params]
             args = [[tvm.runtime.tensor(x[n]) for n in names] for x in inputs]
-            start = time.perf_counter()
+            cpu, start = time.process_time(), time.perf_counter()
             outputs = [_as_list(vm["main"](*a)) for a in args]
-            result["value"] = (outputs, time.perf_counter() - start, used)
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+            # Only now: creating the thread pool to ask its size pins a one-thread pool.
+            threads = int(tvm.get_global_func("runtime.NumThreads")())
+            label = f"unsplit model in this process, {_plural(threads, 'thread')}"
+            result["value"] = Run(label, outputs, seconds, cpu)
         except BaseException as exc:
             result["error"] = exc
 
@@ -144,14 +151,66 @@ def run_unsplit(
     thread.join()
     if "error" in result:
         raise result["error"]
-    value: tuple[list[list[np.ndarray]], float, int] = result["value"]
-    return value
+    run: Run = result["value"]
+    return run
 
 
 def _as_list(value: Any) -> list[np.ndarray]:
     if isinstance(value, tvm.runtime.Tensor):
         return [value.numpy()]
     return [x for v in value for x in _as_list(v)]
+
+
+def _cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
+    times = {}
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            t = psutil.Process(pid).cpu_times()
+            times[pid] = t.user + t.system
+    return times
+
+
+# ----- the pipeline on a loopback cluster
+def run_pipeline(
+    lib: Any, inputs: Sequence[dict[str, np.ndarray]], n_stages: int
+) -> tuple[Run, dict[str, Any]]:
+    """Stream the inputs through the pipeline on a LocalCluster; the run and the stats."""
+    with step(f"starting TVM's tracker and {n_stages} workers under key {KEY!r}"):
+        cluster = LocalCluster(n_stages, key=KEY)
+    with cluster:
+        with step("deploying the stages by tracker key"):
+            pipe = PipelineModule(lib, tracker=cluster.tracker)
+        with pipe:
+            window = WINDOW_PER_STAGE * n_stages
+            with step(f"streaming {len(inputs)} inputs through the pipeline ({window} in flight)"):
+                pids = [os.getpid(), *cluster.pids()]  # the stages' session processes included
+                before, start = _cpu_seconds(pids), time.perf_counter()
+                outputs = [list(o) for o in pipe.map(inputs, window=window)]
+                seconds, after = time.perf_counter() - start, _cpu_seconds(pids)
+            stats = pipe.stats()
+            _name_workers(stats, cluster)
+    cpu = sum(after[p] - before[p] for p in after if p in before)
+    label = f"pipeline, {_plural(n_stages, 'stage')} on {_plural(n_stages, 'worker')}"
+    return Run(label, outputs, seconds, cpu), stats
+
+
+def _name_workers(stats: dict[str, Any], cluster: LocalCluster) -> None:
+    """Replace a tracker placement (``key@tracker``) with the worker that serves the stage.
+
+    Found through the process listening on the stage's data port; left as it is if that
+    cannot be read.
+    """
+    listeners: dict[int, int] = {}
+    with contextlib.suppress(psutil.Error, OSError):
+        for conn in psutil.net_connections("tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.pid is not None and conn.laddr:
+                listeners[conn.laddr.port] = conn.pid
+    for data in stats["stages"].values():
+        port = str(data.get("address", "")).rpartition(":")[2]
+        pid = listeners.get(int(port)) if port.isdigit() else None
+        worker = cluster.worker_of(pid) if pid is not None else None
+        if worker is not None:
+            data["worker"] = f"{worker[0]}:{worker[1]}"
 
 
 # ----- comparing and reporting
@@ -173,7 +232,7 @@ def mismatches(got: Sequence[list[np.ndarray]], expected: Sequence[list[np.ndarr
 
 
 def stage_table(stats: dict[str, Any]) -> list[str]:
-    header = ("stage", "device", "worker", "threads", "inputs", "mean ms", "p99 ms")
+    header = ("stage", "device", "worker", "cores", "threads", "inputs", "mean ms", "p99 ms")
     rows = [header]
     for name, s in stats["stages"].items():
         rows.append(
@@ -181,6 +240,7 @@ def stage_table(stats: dict[str, Any]) -> list[str]:
                 name,
                 str(s.get("device", "?")),
                 str(s.get("worker", "?")),
+                ",".join(str(c) for c in s.get("cores", [])) or "?",
                 str(s.get("threads", "?")),
                 str(s.get("processed", 0)),
                 f"{s.get('service_mean_s', 0.0) * 1e3:.1f}",
@@ -188,14 +248,15 @@ def stage_table(stats: dict[str, Any]) -> list[str]:
             )
         )
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
-    lines = []
-    for row in rows:
-        cells = [
-            cell.ljust(w) if c < 3 else cell.rjust(w)
-            for c, (cell, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  " + "  ".join(cells))
-    return lines
+    left = 4  # text columns; the numbers are right-aligned
+    return [
+        "  "
+        + "  ".join(
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
 
 
 @contextmanager
@@ -207,6 +268,10 @@ def step(what: str) -> Iterator[None]:
     print(f"{time.perf_counter() - start:.1f} s", flush=True)
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tvmpipe.orchestrator.demo", description=__doc__.splitlines()[0]
@@ -215,15 +280,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--stages", type=int, default=3, help="pipeline stages (default 3)")
     parser.add_argument("--model", default="light_squeezenet", help="an onnx 'light' model")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
+    parser.add_argument("--cuts", help="where to cut main, e.g. 42,82 (default: balanced)")
     parser.add_argument(
-        "--cuts", help="binding positions to cut at, e.g. 42,82 (default: balanced)"
+        "--stage-threads", type=int, default=1, help="TVM threads per stage; 0: TVM's default"
     )
     parser.add_argument(
-        "--stage-threads", type=int, default=None, help="TVM threads per stage (default: TVM's)"
+        "--stage-cores",
+        default="all",
+        help="cores each stage may use: 'all' (default), a list like '0-3', or 'tvm' for "
+        "TVM's default placement",
     )
     args = parser.parse_args(argv)
-    if args.inputs < 1 or args.stages < 1:
-        parser.error("--inputs and --stages must be at least 1")
+    if args.inputs < 1 or args.stages < 1 or args.stage_threads < 0:
+        parser.error("--inputs and --stages must be at least 1, --stage-threads at least 0")
     return args
 
 
@@ -236,12 +305,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TvmpipeError as exc:
         print(f"\nerror: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # everything started is stopped by the with blocks on the way out
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     print(f"done in {time.perf_counter() - start:.0f} s")
     return code
 
 
 def _demo(args: argparse.Namespace) -> int:
-    n = args.stages
     with step("loading the model"):
         mod = load_onnx_model(args.model, args.seed)
         costs = binding_costs(mod)
@@ -250,7 +321,7 @@ def _demo(args: argparse.Namespace) -> int:
         cuts = [int(c) for c in args.cuts.split(",")]
         how = "as given"
     else:
-        cuts = balanced_cuts(costs, n) if n > 1 else []
+        cuts = balanced_cuts(costs, args.stages) if args.stages > 1 else []
         how = "balanced by multiply-adds"
     share = " / ".join(f"{s:.0%}" for s in shares(costs, cuts))
     print(
@@ -258,45 +329,41 @@ def _demo(args: argparse.Namespace) -> int:
         f"({how}: {share})"
     )
     cfg = split_module(mod, cuts)
+    n_stages = len(cfg.modules)
+    cores = _cores(args.stage_cores)
+    threads = args.stage_threads or None
     for module in cfg.modules:
         cfg[module].rpc_key = KEY
-        cfg[module].num_threads = args.stage_threads
+        cfg[module].num_threads = threads
+        cfg[module].cpu_affinity = cores
+    where = f"cores {cores}" if cores else "TVM's default placement"
+    count = _plural(threads, "TVM thread") if threads else "TVM's default threads"
+    print(f"each stage: {count}, {where}")
     # Before the cluster starts: the build forks compilers and waits for its children.
-    building = f"building {len(cfg.modules)} stages and the unsplit model (opt_level=3)"
+    building = f"building {n_stages} stages and the unsplit model (opt_level=3)"
     with step(building), tvm.transform.PassContext(opt_level=3):
         lib = build_pipeline(cfg)
         executable = tvm.compile(mod, "llvm")
     try:
-        pipeline, stats = _stream(lib, inputs, len(cfg.modules))
+        pipeline, stats = run_pipeline(lib, inputs, n_stages)
     finally:
         lib.close()
-    unsplit: list[Run] = []
-    cores = len(os.sched_getaffinity(0))
     with step(f"running the unsplit model on the same {len(inputs)} inputs in this process"):
-        outputs, seconds, default_threads = run_unsplit(executable, mod, inputs, None)
-        label = f"unsplit, {_threads(default_threads)} (TVM's default)"
-        unsplit.append(Run(label, outputs, seconds))
-        if default_threads != cores:
-            outputs, seconds, used = run_unsplit(executable, mod, inputs, cores)
-            unsplit.append(Run(f"unsplit, {_threads(used)} (all cores)", outputs, seconds))
+        unsplit = run_unsplit(executable, mod, inputs)
 
     print()
     print("\n".join(stage_table(stats)))
-    if cores < len(cfg.modules):
-        print(
-            f"  ({len(cfg.modules)} stages share {cores} cores here: a service time is wall-clock "
-            f"and includes waiting for a core)"
-        )
     print()
-    for run in (pipeline, *unsplit):
-        print(f"  {run.label:<40} {run.rate:6.2f} inputs/s  ({run.seconds:.1f} s)")
-    best = max(unsplit, key=lambda r: r.rate)
-    print(f"  {'speedup over the faster unsplit run':<40} {pipeline.rate / best.rate:6.2f}x")
+    for run in (pipeline, unsplit):
+        print(
+            f"  {run.label:<42} {run.rate:5.2f} inputs/s  {run.seconds:5.1f} s  "
+            f"{run.cores:.1f} cores busy"
+        )
+    print(f"  {'speedup':<42} {pipeline.rate / unsplit.rate:5.2f}x")
     print()
 
-    reference = unsplit[0].outputs
-    bad = mismatches(pipeline.outputs, reference)
-    total = len(reference)
+    bad = mismatches(pipeline.outputs, unsplit.outputs)
+    total = len(unsplit.outputs)
     if bad:
         print(f"{total - len(bad)}/{total} results match the unsplit model; these differ:")
         for line in bad[:20]:
@@ -308,29 +375,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _threads(n: int) -> str:
-    return f"{n} thread" if n == 1 else f"{n} threads"
-
-
-def _stream(
-    lib: Any, inputs: Sequence[dict[str, np.ndarray]], n_stages: int
-) -> tuple[Run, dict[str, Any]]:
-    """Stream the inputs through the pipeline on a LocalCluster; the outputs and the stats."""
-    n_workers = n_stages
-    with step(f"starting TVM's tracker and {n_workers} workers under key {KEY!r}"):
-        cluster = LocalCluster(n_workers, key=KEY)
-    with cluster:
-        with step("deploying the stages by tracker key"):
-            pipe = PipelineModule(lib, tracker=cluster.tracker)
-        with pipe:
-            window = WINDOW_PER_STAGE * n_stages
-            with step(f"streaming {len(inputs)} inputs through the pipeline ({window} in flight)"):
-                begin = time.perf_counter()
-                outputs = [list(o) for o in pipe.map(inputs, window=window)]
-                seconds = time.perf_counter() - begin
-            stats = pipe.stats()
-        label = f"pipeline, {n_stages} stages on {n_workers} workers"
-    return Run(label, outputs, seconds), stats
+def _cores(spec: str) -> str | None:
+    """The ``cpu_affinity`` for every stage: None leaves TVM's default placement."""
+    if spec == "tvm":
+        return None
+    if spec == "all":
+        return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    return spec
 
 
 if __name__ == "__main__":

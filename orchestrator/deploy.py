@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import selectors
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import psutil
 from tvm import rpc
 
 from tvmpipe.proto.errors import DeployError, VersionMismatchError
@@ -59,8 +62,9 @@ class LocalWorker:
                         break
                 if self.process.poll() is not None:
                     break
+        tail = self.stderr_tail()
         self.stop()
-        raise DeployError(f"a local tvmpipe-worker did not start: {self.stderr_tail()}")
+        raise DeployError(f"a local tvmpipe-worker did not start: {tail}")
 
     def stderr_tail(self, limit: int = 2000) -> str:
         self._stderr.seek(0)
@@ -102,6 +106,7 @@ class StageSession:
         self.address = ""
         self.remote_pid: int | None = None
         self.devices: list[str] = []
+        self.rpc_address = peer
 
     def call(self, name: str, *args: Any, wait: float = CALL_LOCK_TIMEOUT_S) -> Any:
         """Call a remote function; waits at most ``wait`` s for a call already under way."""
@@ -141,6 +146,27 @@ class StageSession:
         check_handshake(handshake_info(), reply, f"worker {self.peer}")
         self.devices = list(reply.get("devices", []))
         self.remote_pid = reply.get("pid")
+        self.rpc_address = str(reply.get("rpc_address", ""))
+        if "@" in self.peer and self.rpc_address:  # placed by the tracker: name the worker
+            self.peer = f"{self.rpc_address} ({self.peer})"
+
+    def abort(self) -> None:
+        """Break the session's TCP connection so that calls waiting on a lost board fail now.
+
+        A TVM RPC call to an unreachable board waits for TCP to give up (minutes), holding the
+        session; freeing the session then would block while holding the GIL.
+        """
+        host, _, port = self.rpc_address.rpartition(":")
+        if not port.isdigit():
+            return
+        for conn in psutil.Process().net_connections(kind="tcp"):
+            if conn.raddr and conn.raddr.port == int(port) and conn.raddr.ip in (host, ""):
+                with contextlib.suppress(OSError):
+                    dup = socket.socket(fileno=os.dup(conn.fd))
+                    try:
+                        dup.shutdown(socket.SHUT_RDWR)
+                    finally:
+                        dup.close()
 
     def upload_and_load(self, lib: PipelineLibrary, relay: dict[str, Any] | None = None) -> None:
         """Ship the artifact and load it; with ``relay``, the stage runs on that plain server."""

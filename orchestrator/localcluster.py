@@ -74,14 +74,17 @@ class LocalClusterError(DeployError):
 class _Child:
     """One started process, its stderr in a temporary file, and how to stop it for good."""
 
-    def __init__(self, what: str, argv: Sequence[str], *, group: bool):
+    def __init__(self, what: str, argv: Sequence[str], *, group: bool, read_stdout: bool):
         self.what = what
         self.group = group  # its own process group, ended as a whole
         self.log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+        self._out = b""
+        # stdin is a pipe only we hold: its EOF tells the child that we are gone. stdout is a
+        # pipe only for the ready line (a --silent worker prints nothing else there).
         self.process = subprocess.Popen(
             list(argv),
             stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
+            stdout=subprocess.PIPE if read_stdout else self.log,
             stderr=self.log,
             start_new_session=True,  # Ctrl-C in a terminal reaches us only; we stop it in order
         )
@@ -105,14 +108,22 @@ class _Child:
     def read_line(self, deadline: float) -> str:
         """The next stdout line, or '' at EOF or the deadline: never blocks past it."""
         assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
         with selectors.DefaultSelector() as selector:
-            selector.register(self.process.stdout, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if selector.select(timeout=min(0.2, max(0.0, deadline - time.monotonic()))):
-                    return self.process.stdout.readline().decode(errors="replace")
-                if not self.alive():
+            selector.register(fd, selectors.EVENT_READ)
+            while b"\n" not in self._out:
+                left = deadline - time.monotonic()
+                if left <= 0:
                     return ""
-        return ""
+                if selector.select(timeout=min(0.2, left)):
+                    chunk = os.read(fd, 4096)  # what is there: a partial line cannot block us
+                    if not chunk:
+                        return ""
+                    self._out += chunk
+                elif not self.alive():
+                    return ""
+        line, _, self._out = self._out.partition(b"\n")
+        return line.decode(errors="replace") + "\n"
 
     def processes(self) -> list[psutil.Process]:
         """It and every descendant it has now (TVM forks session and popen_worker processes)."""
@@ -274,6 +285,15 @@ class LocalCluster:
         children = [c for c in (self._tracker, *self._workers) if c is not None]
         return sorted({p.pid for c in children for p in c.processes()})
 
+    def worker_of(self, pid: int) -> tuple[str, int] | None:
+        """The RPC address of the worker that is ``pid`` or started it (a session process)."""
+        with contextlib.suppress(psutil.Error):
+            lineage = {pid, *(p.pid for p in psutil.Process(pid).parents())}
+            for child, address in zip(self._workers, self.workers, strict=False):
+                if child.process.pid in lineage:
+                    return address
+        return None
+
     def check_alive(self) -> None:
         """Raise LocalClusterError if the tracker or a worker has exited."""
         self._check_open()
@@ -329,7 +349,8 @@ class LocalCluster:
             # poll is the port it serves (with a range it could quietly take the next one).
             argv = [self._python, "-c", _TRACKER_BOOT, "tvm.exec.rpc_tracker"]
             argv += ["--host", self.host, "--port", str(port), "--port-end", str(port + 1)]
-            child = _Child(f"TVM's tracker on {self.host}:{port}", [*argv, "--silent"], group=True)
+            what = f"TVM's tracker on {self.host}:{port}"
+            child = _Child(what, [*argv, "--silent"], group=True, read_stdout=False)
             self._tracker = child
             if self._wait_tracker(child, port, deadline):
                 self._tracker_port = port
@@ -359,7 +380,8 @@ class LocalCluster:
         argv = [self._python, "-m", "tvmpipe.worker", "--host", self.host, "--port", "0"]
         argv += ["--tracker", f"{self.host}:{self._tracker_port}", "--key", self.key]
         argv += ["--exit-with-parent", "--silent"]
-        return _Child(f"tvmpipe-worker {index} (key {self.key!r})", argv, group=False)
+        what = f"tvmpipe-worker {index} (key {self.key!r})"
+        return _Child(what, argv, group=False, read_stdout=True)
 
     def _wait_ready(self, child: _Child, deadline: float) -> tuple[str, int]:
         """Read the worker's ``tvmpipe-worker ready HOST:PORT`` line."""

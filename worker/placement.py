@@ -36,16 +36,17 @@ def check_cores(cpu_affinity: str | None) -> None:
 
 
 def pin_current_thread(cpu_affinity: str | None, num_threads: int | None) -> dict[str, object]:
-    """Restrict this thread to the stage's cores and size TVM's pool; report what took effect."""
-    cores = parse_cores(cpu_affinity) if cpu_affinity else []
-    threads = num_threads or len(cores)
-    if threads:
-        os.environ["TVM_NUM_THREADS"] = str(threads)
-    if cores:
-        os.sched_setaffinity(0, cores)
-        config = tvm.get_global_func("runtime.config_threadpool")
-        config(_SHARE_ALL_CORES, threads, [str(c) for c in cores])
-    return {
-        "cores": sorted(os.sched_getaffinity(0)),
-        "threads": int(tvm.get_global_func("runtime.NumThreads")()),
-    }
+    """Size TVM's pool for this thread and let it float over the stage's cores.
+
+    Left alone, TVM's one-thread pool pins its calling thread to core 0, so every stage of a
+    pipeline on one machine would share core 0. By default a stage may use every core this
+    worker may use, with TVM's own default thread count (half the cores on x86, at least one).
+    """
+    available = sorted(os.sched_getaffinity(0))
+    cores = parse_cores(cpu_affinity) if cpu_affinity else available
+    threads = num_threads or (len(cores) if cpu_affinity else max(1, len(available) // 2))
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    os.sched_setaffinity(0, cores)
+    config = tvm.get_global_func("runtime.config_threadpool")
+    config(_SHARE_ALL_CORES, threads, [str(c) for c in cores])
+    return {"cores": sorted(os.sched_getaffinity(0)), "threads": threads}

@@ -18,9 +18,11 @@ session process exits.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
+import logging
 import os
 import signal
 from pathlib import Path
@@ -46,6 +48,7 @@ class WorkerState:
 
     bind_host = "127.0.0.1"
     advertise_host = "127.0.0.1"
+    rpc_port = 0
     stage: Stage | None = None
 
 
@@ -62,7 +65,9 @@ def available_devices() -> list[str]:
 
 def _handshake(peer_json: str) -> str:
     check_handshake(handshake_info(), json.loads(peer_json), "the controller", "this worker")
-    return json.dumps({**handshake_info(), "devices": available_devices(), "pid": os.getpid()})
+    rpc_address = f"{WorkerState.advertise_host}:{WorkerState.rpc_port}"
+    reply = {**handshake_info(), "devices": available_devices(), "pid": os.getpid()}
+    return json.dumps({**reply, "rpc_address": rpc_address})
 
 
 def _load(spec_json: str) -> str:
@@ -172,13 +177,30 @@ def _serve_session(sock: Any, load_library: Any, work_path: Any) -> None:
     tvm_rpc_server._server_env(load_library, work_path)
     try:
         rpc_ffi.ServerLoop(sock.fileno())
+    except Exception as exc:  # the controller went away mid-call: the session is over anyway
+        logging.getLogger("RPCServer").info("session ended: %s", exc)
     finally:
         _stop()
 
 
+def _serving_that_survives(sock: Any, addr: Any, opts: Any, load_library: Any) -> None:
+    """TVM's per-connection handler raises when a session process dies abnormally, which
+    would end the listening thread and take the whole worker off the tracker."""
+    try:
+        _original_serving(sock, addr, opts, load_library)
+    except RuntimeError as exc:
+        logging.getLogger("RPCServer").warning("a session ended abnormally: %s", exc)
+        with contextlib.suppress(OSError):
+            sock.close()
+
+
+_original_serving = tvm_rpc_server._serving
+
+
 def install_session_hook() -> None:
-    """Wrap TVM 0.27's session loop; it is looked up by name when each session starts."""
+    """Wrap TVM 0.27's session handlers; both are looked up by name for each session."""
     tvm_rpc_server._serve_loop = _serve_session
+    tvm_rpc_server._serving = _serving_that_survives
 
 
 def run_server(
@@ -197,7 +219,7 @@ def run_server(
     WorkerState.advertise_host = custom_addr or (
         host if host not in ("0.0.0.0", "", "::") else "127.0.0.1"
     )
-    return tvm_rpc_server.PopenRPCServerState(
+    state = tvm_rpc_server.PopenRPCServerState(
         host,
         port,
         port_end,
@@ -208,3 +230,5 @@ def run_server(
         custom_addr,
         silent,
     )
+    WorkerState.rpc_port = state.port
+    return state
