@@ -52,7 +52,7 @@ PORT_ATTEMPTS = 5
 # process group (the tracker and its popen_worker child) once stdin reaches EOF, that is when
 # the LocalCluster closes it or its process dies. Without it a killed parent leaves both behind:
 # the popen_worker's tracker thread is not a daemon, so even its parent's death does not end it.
-_TRACKER_BOOT = """\
+WITH_PARENT_BOOT = """\
 import os, runpy, signal, sys, threading
 def _watch():
     try:
@@ -347,7 +347,7 @@ class LocalCluster:
             port = free_port(self.host)
             # --port-end port+1: the tracker binds exactly that port or exits, so the port we
             # poll is the port it serves (with a range it could quietly take the next one).
-            argv = [self._python, "-c", _TRACKER_BOOT, "tvm.exec.rpc_tracker"]
+            argv = [self._python, "-c", WITH_PARENT_BOOT, "tvm.exec.rpc_tracker"]
             argv += ["--host", self.host, "--port", str(port), "--port-end", str(port + 1)]
             what = f"TVM's tracker on {self.host}:{port}"
             child = _Child(what, [*argv, "--silent"], group=True, read_stdout=False)

@@ -45,6 +45,8 @@ from typing import IO
 
 import psutil
 
+from tvmpipe.orchestrator.localcluster import WITH_PARENT_BOOT
+
 SCRIPT = Path(__file__).with_name("boards.sh")
 TRACKER_PORT = 9190  # the tracker has its namespace to itself, so a fixed port is free
 READY_TIMEOUT_S = 60.0
@@ -52,21 +54,6 @@ STOP_TIMEOUT_S = 5.0
 SUBNET_BASE = "10.77"
 PREFIX_RE = re.compile(r"^tvp([0-9a-z]{5})[0-9a-z]{1,2}-(?:tr|br|b\d+)$")
 _counter = itertools.count()
-# Runs a module like ``python -m`` but ends its process group when standard input closes,
-# that is when the process that started it goes away, however it went (TVM's tracker has no
-# such option; tvmpipe-worker's --exit-with-parent does the same).
-_WITH_PARENT = """
-import os, runpy, signal, sys, threading
-def watch():
-    try:
-        while os.read(0, 4096):
-            pass
-    except OSError:
-        pass
-    os.killpg(0, signal.SIGTERM)
-threading.Thread(target=watch, daemon=True).start()
-runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
-"""
 
 
 class BoardsError(RuntimeError):
@@ -342,7 +329,7 @@ class SimulatedBoards:
         """Start ``argv`` in ``namespace`` in a process group of its own.
 
         Its standard input is a pipe that stays open while this process lives: commands that
-        watch it (tvmpipe-worker --exit-with-parent, _WITH_PARENT) end when this process dies.
+        watch it (tvmpipe-worker --exit-with-parent, WITH_PARENT_BOOT) end when this process dies.
         """
         log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         process = subprocess.Popen(
@@ -358,7 +345,7 @@ class SimulatedBoards:
 
     def _start_tracker(self) -> None:
         host, port = self.tracker
-        argv = [self.python, "-c", _WITH_PARENT, "tvm.exec.rpc_tracker", "--host", "0.0.0.0"]
+        argv = [self.python, "-c", WITH_PARENT_BOOT, "tvm.exec.rpc_tracker", "--host", "0.0.0.0"]
         argv += ["--port", str(port), "--port-end", str(port + 1), "--silent"]
         child = self._spawn("the tracker", f"{self.prefix}-tr", argv)
         deadline = time.monotonic() + self.ready_timeout

@@ -75,3 +75,25 @@ def make_boards(netns_available: None) -> Iterator[Callable[..., Any]]:
     finally:
         for boards in reversed(made):
             boards.close()
+
+
+@pytest.fixture(scope="module")
+def chain_lib() -> Iterator[Any]:
+    """data -> negative (big) -> abs (big) -> negative (little), 256 KiB float32 tensors."""
+    import tvm
+    from modules import unary_module
+
+    from tvmpipe.orchestrator import PipelineModuleConfig, build_pipeline
+
+    mods = [unary_module(op, (256, 256)) for op in ("negative", "abs", "negative")]
+    cfg = PipelineModuleConfig()
+    cfg.inputs["data"] = (mods[0], "data_0")
+    cfg.connect(mods[0], 0, mods[1], "data_0")
+    cfg.connect(mods[1], 0, mods[2], "data_0")
+    cfg.outputs.append((mods[2], 0))
+    for mod, key in zip(mods, ("big", "big", "little"), strict=True):
+        cfg[mod].rpc_key = key
+    with tvm.transform.PassContext(opt_level=3):
+        lib = build_pipeline(cfg)
+    yield lib
+    lib.close()

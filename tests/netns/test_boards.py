@@ -15,31 +15,14 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
-import tvm
-from modules import unary_module
 
-from tvmpipe.orchestrator import PipelineModule, PipelineModuleConfig, build_pipeline
+from tvmpipe.orchestrator import PipelineModule
 
 SHAPE = (256, 256)  # float32: 256 KiB per tensor
 TENSOR_BYTES = 256 * 256 * 4
 KEYS = ("big", "big", "little")
 SHAPED_RATE = "8mbit"
 SHAPED_BYTES_PER_S = 8e6 / 8
-
-
-@pytest.fixture(scope="module")
-def chain_lib() -> Any:
-    """data -> negative (big) -> abs (big) -> negative (little): output = -|data|."""
-    mods = [unary_module(op, SHAPE) for op in ("negative", "abs", "negative")]
-    cfg = PipelineModuleConfig()
-    cfg.inputs["data"] = (mods[0], "data_0")
-    cfg.connect(mods[0], 0, mods[1], "data_0")
-    cfg.connect(mods[1], 0, mods[2], "data_0")
-    cfg.outputs.append((mods[2], 0))
-    for mod, key in zip(mods, KEYS, strict=True):
-        cfg[mod].rpc_key = key
-    with tvm.transform.PassContext(opt_level=3):
-        return build_pipeline(cfg)
 
 
 def _inputs(count: int, seed: int) -> list[np.ndarray]:

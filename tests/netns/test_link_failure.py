@@ -7,30 +7,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-import tvm
-from modules import unary_module
 
-from tvmpipe.orchestrator import PipelineModule, PipelineModuleConfig, build_pipeline
+from tvmpipe.orchestrator import PipelineModule
 from tvmpipe.proto.errors import StageLostError
 
 SHAPE = (256, 256)  # float32: 256 KiB per tensor
 DETECTION_LIMIT_S = 3.0
-
-
-@pytest.fixture(scope="module")
-def chain_lib() -> Any:
-    mods = [unary_module(op, SHAPE) for op in ("negative", "abs", "negative")]
-    cfg = PipelineModuleConfig()
-    cfg.inputs["data"] = (mods[0], "data_0")
-    cfg.connect(mods[0], 0, mods[1], "data_0")
-    cfg.connect(mods[1], 0, mods[2], "data_0")
-    cfg.outputs.append((mods[2], 0))
-    for mod, key in zip(mods, ("big", "big", "little"), strict=True):
-        cfg[mod].rpc_key = key
-    with tvm.transform.PassContext(opt_level=3):
-        lib = build_pipeline(cfg)
-    yield lib
-    lib.close()
 
 
 @pytest.mark.timeout(180)
