@@ -435,7 +435,7 @@ class PipelineModule:
             except ProtocolError:
                 self._counters["dropped"] += 1
                 continue
-            if msg.type is MsgType.STOP or msg.sender not in senders:
+            if msg.type is MsgType.STOP or msg.sender not in senders or not self._expects(msg.seq):
                 self._counters["dropped"] += 1
                 continue
             parts = self._partial.setdefault(msg.seq, {})
@@ -448,6 +448,13 @@ class PipelineModule:
                     self._counters["dropped"] += 1
                     continue
                 self._deliver(msg.seq, result)
+
+    def _expects(self, seq: int) -> bool:
+        """Launched here and not yet answered: anything else is a stray message."""
+        with self._cond:
+            if seq in self._futures:
+                return True
+            return seq not in self._results and seq in self._launched
 
     def _deliver(self, seq: int, result: list[np.ndarray] | Exception) -> None:
         with self._cond:

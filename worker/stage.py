@@ -41,6 +41,7 @@ QUEUE_DEPTH = 4  # input sets waiting for compute, outputs waiting to be sent
 HWM = 16  # ZeroMQ messages buffered per socket and direction
 LINGER_MS = 1000
 SAMPLES = 4096  # service times kept for the mean and p99
+MAX_PENDING_JOINS = 1024  # partial input sets kept while waiting for their other senders
 
 
 @dataclass(frozen=True)
@@ -191,16 +192,22 @@ class Stage:
                 return None
             parts[msg.sender] = msg
             if len(parts) < len(self._senders):
+                if len(self._pending) > MAX_PENDING_JOINS:  # evict the longest waiting
+                    del self._pending[next(iter(self._pending))]
+                    self.stats.dropped += 1
                 return None
             del self._pending[msg.seq]
-            self.stats.received += 1
         errors = [m.error for m in parts.values() if m.type is MsgType.ERROR]
-        if errors:
-            return msg.seq, errors[0]
         inputs: dict[str, Any] = {}
         for part in parts.values():
             inputs.update(part.tensors)
-        return msg.seq, inputs
+        expected = set(self.runner.input_names) - self.runner.param_names
+        with self._lock:
+            if not errors and set(inputs) != expected:
+                self.stats.dropped += 1  # not an input set of this stage
+                return None
+            self.stats.received += 1
+        return (msg.seq, errors[0]) if errors else (msg.seq, inputs)
 
     def _compute_loop(self) -> None:
         if self._on_compute_start is not None:

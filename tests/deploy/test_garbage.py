@@ -1,0 +1,139 @@
+"""A live worker fed garbage keeps serving correct traffic and counts what it dropped."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import tvm
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from modules import rfc_example_modules, rfc_example_reference, wire_rfc_example
+
+from tvmpipe.orchestrator import PipelineModule, PipelineModuleConfig, build_pipeline
+from tvmpipe.proto import PROTOCOL_VERSION, Message, encode
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def pipe() -> Iterator[PipelineModule]:
+    mod1, mod2, mod3 = rfc_example_modules()
+    cfg = PipelineModuleConfig()
+    wire_rfc_example(cfg, mod1, mod2, mod3)
+    with tvm.transform.PassContext(opt_level=3):
+        lib = build_pipeline(cfg)
+    try:
+        with PipelineModule(lib) as running:
+            yield running
+    finally:
+        lib.close()
+
+
+@pytest.fixture(scope="module")
+def attacker(pipe: PipelineModule) -> Iterator[zmq.Socket[Any]]:
+    """A PUSH socket straight into mod2's data socket, as a stray peer on the network."""
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDTIMEO, 5000)
+    push.connect(pipe._sessions[1].address)
+    try:
+        yield push
+    finally:
+        push.close(linger=0)
+        context.term()
+
+
+def _header(**fields: Any) -> bytes:
+    base: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": 1, "seq": 10**9, "from": "mod1"}
+    base["tensors"] = [["data_0", "<f4", [1, 4]]]
+    base.update(fields)
+    return msgpack.packb(base)
+
+
+GOOD = np.zeros((1, 4), "float32").tobytes()
+CRAFTED = [
+    [_header(v=PROTOCOL_VERSION + 1), GOOD],  # wrong protocol version
+    [_header(t=99), GOOD],  # unknown message type
+    [_header(tensors=[["data_0", "<f4", [1, 8]]]), GOOD],  # shape does not match the frame
+    [_header(tensors=[["data_0", "<f4", [2**39, 2**39]]]), GOOD],  # absurd declared size
+    [_header(tensors=[["data_0", "|O", [1, 4]]]), GOOD],  # object dtype
+    [_header(), GOOD[:7]],  # truncated tensor
+    [_header()[:-3], GOOD],  # truncated header
+    [_header(**{"from": "stranger"}), GOOD],  # a sender this stage does not expect
+    [_header(tensors=[["weights", "<f4", [1, 4]]]), GOOD],  # not an input of this stage
+    [b"\x00" * 64],  # not msgpack
+]
+garbage = st.one_of(
+    st.lists(st.binary(max_size=256), min_size=1, max_size=4),
+    st.sampled_from(CRAFTED),
+)
+
+
+def _run_real_inputs(pipe: PipelineModule, count: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    sets = [[rng.standard_normal((1, 4)).astype("float32") for _ in range(3)] for _ in range(count)]
+    outs = list(pipe.map({"data_0": a, "data_1": b, "data_2": c} for a, b, c in sets))
+    for (a, b, c), out in zip(sets, outs, strict=True):
+        np.testing.assert_allclose(out[0], rfc_example_reference(a, b, c), rtol=1e-6)
+
+
+@settings(max_examples=1000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(frames=garbage)
+def test_worker_survives_garbage(
+    pipe: PipelineModule, attacker: zmq.Socket[Any], frames: list[bytes]
+) -> None:
+    attacker.send_multipart(frames)
+
+
+def test_worker_still_serves_and_counted_the_garbage(
+    pipe: PipelineModule, attacker: zmq.Socket[Any]
+) -> None:
+    before = pipe.stats()["stages"]["mod2"]["dropped"]
+    for frames in CRAFTED:
+        attacker.send_multipart(frames)
+    # A well-formed message for a sequence number the client never launched: mod2 runs it, and
+    # mod3 holds its half (bounded by MAX_PENDING_JOINS) waiting for a client part never sent.
+    stray = Message.data(10**9, "mod1", {"data_0": np.ones((1, 4), "float32")})
+    attacker.send_multipart(encode(stray))
+    _run_real_inputs(pipe, 20, seed=1)
+    stats = pipe.stats()
+    assert stats["stages"]["mod2"]["dropped"] - before >= len(CRAFTED)
+    assert stats["stages"]["mod2"]["pending_joins"] == 0
+    assert stats["stages"]["mod3"]["pending_joins"] == 1
+
+
+def test_worker_survives_garbage_then_serves(pipe: PipelineModule) -> None:
+    _run_real_inputs(pipe, 20, seed=2)
+
+
+def test_partial_input_sets_that_never_complete_are_bounded(pipe: PipelineModule) -> None:
+    """mod3 joins mod2's output with a pipeline input: halves that never pair up are capped."""
+    from tvmpipe.worker.stage import MAX_PENDING_JOINS
+
+    context = zmq.Context()
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDTIMEO, 5000)
+    push.connect(pipe._sessions[2].address)
+    try:
+        before = pipe.stats()["stages"]["mod3"]
+        extra = 50
+        for seq in range(MAX_PENDING_JOINS + extra):
+            half = Message.data(2 * 10**9 + seq, "mod2", {"data_1": np.ones((1, 4), "float32")})
+            push.send_multipart(encode(half))
+        deadline = time.monotonic() + 20
+        after = pipe.stats()["stages"]["mod3"]
+        while after["dropped"] - before["dropped"] < extra and time.monotonic() < deadline:
+            time.sleep(0.05)
+            after = pipe.stats()["stages"]["mod3"]
+        _run_real_inputs(pipe, 5, seed=3)
+    finally:
+        push.close(linger=0)
+        context.term()
+    assert after["pending_joins"] <= MAX_PENDING_JOINS
+    assert after["dropped"] - before["dropped"] >= extra
