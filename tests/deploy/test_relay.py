@@ -19,6 +19,7 @@ from modules import rfc_example_modules, rfc_example_reference, wire_rfc_example
 
 from tvmpipe.orchestrator import PipelineModule, PipelineModuleConfig, build_pipeline
 from tvmpipe.orchestrator.deploy import LocalWorker
+from tvmpipe.orchestrator.localcluster import WITH_PARENT_BOOT
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,9 +35,13 @@ def plain_server() -> Iterator[str]:
     """``python -m tvm.exec.rpc_server`` on loopback; its port read from its own log line."""
     with tempfile.TemporaryFile() as log:
         start = _free_port()
-        command = [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1"]
+        # Wrapped so that it also ends if this test process is killed before its finally.
+        command = [sys.executable, "-c", WITH_PARENT_BOOT, "tvm.exec.rpc_server"]
+        command += ["--host", "127.0.0.1"]
         command += ["--port", str(start), "--port-end", str(start + 100)]
-        proc = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        proc = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=log, stderr=log, start_new_session=True
+        )
         try:
             deadline = time.monotonic() + 60
             port = None
@@ -49,6 +54,8 @@ def plain_server() -> Iterator[str]:
             assert port is not None, "the TVM RPC server did not report its port"
             yield f"127.0.0.1:{port}"
         finally:
+            assert proc.stdin is not None
+            proc.stdin.close()
             os.killpg(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(10)
