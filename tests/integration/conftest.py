@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import selectors
 import signal
 import socket
 import subprocess
@@ -19,8 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 import psutil
 import pytest
@@ -29,6 +27,7 @@ from modules import rfc_example_modules, wire_rfc_example
 from tvm import rpc
 
 from tvmpipe.orchestrator import PipelineLibrary, PipelineModuleConfig, build_pipeline
+from tvmpipe.orchestrator.deploy import LocalWorker
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
@@ -240,14 +239,17 @@ def tracker() -> Iterator[tuple[str, int]]:
 # ----- tvmpipe workers started by hand
 
 
-@dataclass
-class Worker:
-    process: subprocess.Popen[bytes]
-    stderr: IO[bytes]
-    key: str | None
-    host: str = "127.0.0.1"
-    port: int = 0
-    _stdout: Any = field(default=None, repr=False)
+class Worker(LocalWorker):
+    """tvmpipe's own loopback worker helper, with the names these tests use."""
+
+    def __init__(self, tracker: tuple[str, int] | None = None, key: str | None = None):
+        extra = (
+            []
+            if tracker is None
+            else ["--tracker", f"{tracker[0]}:{tracker[1]}", "--key", str(key)]
+        )
+        super().__init__("127.0.0.1", extra)
+        self.key = key
 
     @property
     def address(self) -> str:
@@ -256,46 +258,6 @@ class Worker:
     @property
     def pid(self) -> int:
         return self.process.pid
-
-    def stderr_text(self) -> str:
-        self.stderr.seek(0)
-        return self.stderr.read().decode(errors="replace")[-3000:]
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
-        """Read ``tvmpipe-worker ready HOST:PORT`` from its stdout, with a deadline."""
-        stdout = self.process.stdout
-        assert stdout is not None
-        deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as selector:
-            selector.register(stdout, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if selector.select(timeout=0.1):
-                    line = stdout.readline().decode(errors="replace")
-                    if line.startswith("tvmpipe-worker ready "):
-                        host, _, port = line.split()[-1].rpartition(":")
-                        self.host, self.port = host, int(port)
-                        return
-                    assert line, f"the worker closed its stdout: {self.stderr_text()}"
-                assert self.process.poll() is None, f"the worker exited: {self.stderr_text()}"
-        pytest.fail(f"the worker printed no ready line within {timeout} s: {self.stderr_text()}")
-
-    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
-        """Close its stdin (it exits with its parent), then SIGTERM, then SIGKILL."""
-        if self.process.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.process.stdin.close()
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-        self.stderr.close()
 
 
 WorkerFactory = Callable[..., list[Worker]]
@@ -315,15 +277,7 @@ def worker_factory() -> Iterator[WorkerFactory]:
         assert (tracker is None) == (key is None), "give both tracker and key, or neither"
         workers = []
         for _ in range(count):
-            command = [sys.executable, "-m", "tvmpipe.worker", "--host", "127.0.0.1"]
-            command += ["--port", "0", "--exit-with-parent", "--silent"]
-            if tracker is not None:
-                command += ["--tracker", f"{tracker[0]}:{tracker[1]}", "--key", str(key)]
-            stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in Worker.stop
-            proc = subprocess.Popen(
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr
-            )
-            worker = Worker(proc, stderr, key)
+            worker = Worker(tracker, key)
             started.append(worker)
             workers.append(worker)
         for worker in workers:
