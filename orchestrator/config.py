@@ -281,13 +281,7 @@ class PipelineModuleConfig:
 
     @inputs.setter
     def inputs(self, items: Any) -> None:
-        fresh = _Inputs(self)
-        old, self._inputs = self._inputs, fresh
-        try:
-            fresh.update(dict(items))
-        except BaseException:
-            self._inputs = old
-            raise
+        self._replace("_inputs", _Inputs(self), items)
 
     @property
     def outputs(self) -> _Outputs:
@@ -305,12 +299,16 @@ class PipelineModuleConfig:
 
     @param_groups.setter
     def param_groups(self, items: Any) -> None:
-        fresh = _ParamGroups(self)
-        old, self._param_groups = self._param_groups, fresh
+        self._replace("_param_groups", _ParamGroups(self), items)
+
+    def _replace(self, attribute: str, fresh: MutableMapping[str, Any], items: Any) -> None:
+        """Fill a fresh mapping through its checks; a refused item keeps the old one."""
+        old = getattr(self, attribute)
+        setattr(self, attribute, fresh)
         try:
             fresh.update(dict(items))
         except BaseException:
-            self._param_groups = old
+            setattr(self, attribute, old)
             raise
 
     # ----- modules and names

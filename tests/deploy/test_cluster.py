@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import tvm
-from modules import rfc_example_modules, rfc_example_reference, wire_rfc_example
+from modules import rfc_example_reference
 
-from tvmpipe.orchestrator import PipelineModule, PipelineModuleConfig, build_pipeline
+from tvmpipe.orchestrator import PipelineModule
 from tvmpipe.orchestrator.cluster import ClusterFileError, Placement, load_cluster
 from tvmpipe.orchestrator.deploy import LocalWorker
 from tvmpipe.orchestrator.library import PipelineLibrary
@@ -19,14 +17,8 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "cluster.example.toml
 
 
 @pytest.fixture(scope="module")
-def lib() -> Iterator[PipelineLibrary]:
-    mod1, mod2, mod3 = rfc_example_modules()
-    cfg = PipelineModuleConfig()
-    wire_rfc_example(cfg, mod1, mod2, mod3)
-    with tvm.transform.PassContext(opt_level=3):
-        built = build_pipeline(cfg)
-    yield built
-    built.close()
+def lib(rfc_lib: PipelineLibrary) -> PipelineLibrary:
+    return rfc_lib
 
 
 def write(tmp_path: Path, text: str) -> Path:

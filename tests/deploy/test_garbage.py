@@ -9,30 +9,22 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
-import tvm
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from modules import rfc_example_modules, rfc_example_reference, wire_rfc_example
+from modules import rfc_example_reference
 
-from tvmpipe.orchestrator import PipelineModule, PipelineModuleConfig, build_pipeline
+from tvmpipe.orchestrator import PipelineModule
+from tvmpipe.orchestrator.library import PipelineLibrary
 from tvmpipe.proto import PROTOCOL_VERSION, Message, encode
 
 pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
-def pipe() -> Iterator[PipelineModule]:
-    mod1, mod2, mod3 = rfc_example_modules()
-    cfg = PipelineModuleConfig()
-    wire_rfc_example(cfg, mod1, mod2, mod3)
-    with tvm.transform.PassContext(opt_level=3):
-        lib = build_pipeline(cfg)
-    try:
-        with PipelineModule(lib) as running:
-            yield running
-    finally:
-        lib.close()
+def pipe(rfc_lib: PipelineLibrary) -> Iterator[PipelineModule]:
+    with PipelineModule(rfc_lib) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

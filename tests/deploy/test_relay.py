@@ -14,11 +14,11 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import tvm
-from modules import rfc_example_modules, rfc_example_reference, wire_rfc_example
+from modules import rfc_example_reference
 
-from tvmpipe.orchestrator import PipelineModule, PipelineModuleConfig, build_pipeline
+from tvmpipe.orchestrator import PipelineModule
 from tvmpipe.orchestrator.deploy import LocalWorker
+from tvmpipe.orchestrator.library import PipelineLibrary
 from tvmpipe.orchestrator.localcluster import WITH_PARENT_BOOT
 
 pytestmark = pytest.mark.timeout(120)
@@ -75,26 +75,18 @@ def tvmpipe_workers() -> Iterator[list[str]]:
 
 
 def test_stage_on_a_plain_tvm_server_runs_in_relay_mode(
-    plain_server: str, tvmpipe_workers: list[str]
+    plain_server: str, tvmpipe_workers: list[str], rfc_lib: PipelineLibrary
 ) -> None:
-    mod1, mod2, mod3 = rfc_example_modules()
-    cfg = PipelineModuleConfig()
-    wire_rfc_example(cfg, mod1, mod2, mod3)
-    with tvm.transform.PassContext(opt_level=3):
-        lib = build_pipeline(cfg)
     rng = np.random.default_rng(3)
     sets = [[rng.standard_normal((1, 4)).astype("float32") for _ in range(3)] for _ in range(20)]
     servers = [tvmpipe_workers[0], plain_server, tvmpipe_workers[1]]  # mod2 on the plain server
-    try:
-        with PipelineModule(lib, servers=servers) as pipe:
-            # The relay is a local stage process; the board itself is the plain server.
-            relay = pipe._sessions[1]
-            assert relay.peer != plain_server
-            assert relay.address.startswith("tcp://127.0.0.1:")
-            outputs = list(pipe.map({"data_0": a, "data_1": b, "data_2": c} for a, b, c in sets))
-            stats = pipe.stats()["stages"]
-        for (a, b, c), out in zip(sets, outputs, strict=True):
-            np.testing.assert_allclose(out[0], rfc_example_reference(a, b, c), rtol=1e-6)
-        assert stats["mod2"]["processed"] == len(sets)
-    finally:
-        lib.close()
+    with PipelineModule(rfc_lib, servers=servers) as pipe:
+        # The relay is a local stage process; the board itself is the plain server.
+        relay = pipe._sessions[1]
+        assert relay.peer != plain_server
+        assert relay.address.startswith("tcp://127.0.0.1:")
+        outputs = list(pipe.map({"data_0": a, "data_1": b, "data_2": c} for a, b, c in sets))
+        stats = pipe.stats()["stages"]
+    for (a, b, c), out in zip(sets, outputs, strict=True):
+        np.testing.assert_allclose(out[0], rfc_example_reference(a, b, c), rtol=1e-6)
+    assert stats["mod2"]["processed"] == len(sets)
