@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint demo bench soak clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m tvmpipe.orchestrator.demo
+
+# Side-by-side figures (median of several repetitions); also written to build/bench.json.
+bench: $(STAMP)
+	$(VENV)/bin/tvmpipe bench --json build/bench.json
+
+# Not part of `make test`: streams 100,000 inputs and checks that fds and memory stay flat.
+soak: $(STAMP)
+	$(VENV)/bin/tvmpipe soak
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

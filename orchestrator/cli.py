@@ -3,6 +3,8 @@
 tvmpipe info PIPE_DIR     print a package's stages, targets, devices and graph
 tvmpipe demo [...]        the demo of ``make demo``
 tvmpipe cluster [...]     a loopback tracker and workers, until Ctrl-C
+tvmpipe bench [...]       the benchmarks of ``make bench``: a table and a JSON file
+tvmpipe soak [...]        the soak test of ``make soak``: many inputs, fds and memory flat
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def _info(path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="tvmpipe", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["info", "demo", "cluster"])
+    parser.add_argument("command", choices=["info", "demo", "cluster", "bench", "soak"])
     if not args or args[0] in ("-h", "--help"):
         parser.print_help()
         return 0
@@ -49,6 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return int(demo_main(rest) or 0)
+    if command == "bench":
+        from .bench import main as bench_main
+
+        return int(bench_main(rest) or 0)
+    if command == "soak":
+        from .soak import main as soak_main
+
+        return int(soak_main(rest) or 0)
     from .localcluster import main as cluster_main
 
     return int(cluster_main(rest) or 0)

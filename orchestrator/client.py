@@ -5,13 +5,21 @@ numbers it and pushes it to the first stages without waiting; ``get_output`` ret
 launch order. A receiver thread collects the output stages' messages and joins them by sequence
 number. The number of inputs in flight (launched, result not yet handed back) is bounded by
 ``window``; ``run`` waits at most ``timeout`` seconds for room, then raises.
+
+A lost stage fails every input in flight with a StageLostError, unless ``restart=True``: then a
+recovery thread deploys the stage again where the plan puts it, points its upstream stages (or
+this client) at its new address, and sends every input in flight again from the copies kept
+here. Results are joined by sequence number and the first one wins, so every launched input
+still yields exactly one result, in order.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import queue
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
@@ -23,6 +31,7 @@ import zmq
 
 from tvmpipe.proto.errors import (
     BackpressureTimeout,
+    DeployError,
     InputError,
     NothingToRunError,
     PipelineClosedError,
@@ -38,7 +47,7 @@ from tvmpipe.proto.messages import (
     encode_blob,
 )
 
-from .cluster import ClusterPlan, Placement, load_cluster, plan_from_arguments
+from .cluster import Placement, load_cluster, plan_from_arguments
 from .deploy import (
     LocalWorker,
     PlainServerError,
@@ -55,6 +64,8 @@ CLIENT = "client"
 POLL_MS = 50
 HWM = 64
 LINGER_MS = 1000
+QUEUE_BYTES = 64 << 20  # what each stage may buffer, queues and sockets together
+MAX_RESTARTS = 10
 
 
 class PipelineModule:
@@ -66,6 +77,10 @@ class PipelineModule:
     both from a cluster file. A stage on TVM's own RPC server (no tvmpipe there) runs in relay
     mode. ``client_host`` is the address the last stages send results to (this machine as the
     workers see it); ``bind_host`` is where this process listens (default: ``client_host``).
+
+    ``restart=True`` deploys a lost stage again (at most ``max_restarts`` times) and sends the
+    inputs in flight again; it keeps a copy of every input until its result arrives.
+    ``queue_bytes`` bounds what each stage buffers.
     """
 
     def __init__(
@@ -79,11 +94,16 @@ class PipelineModule:
         timeout: float = 60.0,
         client_host: str | None = None,
         bind_host: str | None = None,
+        restart: bool = False,
+        max_restarts: int = MAX_RESTARTS,
+        queue_bytes: int = QUEUE_BYTES,
     ):
         if sum(x is not None for x in (servers, tracker, cluster)) > 1:
             raise ValueError("give at most one of servers, tracker and cluster")
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
+        if queue_bytes < 1 << 16:
+            raise ValueError(f"queue_bytes must be at least 64 KiB, got {queue_bytes}")
         self.lib = lib if isinstance(lib, PipelineLibrary) else load_library(lib)
         if cluster is not None:
             plan = load_cluster(cluster, self.lib)
@@ -94,8 +114,13 @@ class PipelineModule:
         self.window = window
         self.timeout = timeout
         self.wiring = Wiring(self.lib)
+        self._plan = plan
+        self._restart = restart
+        self._restarts_left = max_restarts
+        self._queue_bytes = queue_bytes
         self._closed = False
         self._local_workers: list[LocalWorker] = []
+        self._worker_of: dict[str, LocalWorker] = {}  # "stage" or "stage relay" -> its worker
         self._sessions: list[StageSession] = []
         self._context = zmq.Context()
         self._pushes: dict[str, zmq.Socket[Any]] = {}
@@ -115,6 +140,11 @@ class PipelineModule:
         self._receiver: threading.Thread | None = None
         self._monitor: StageMonitor | None = None
         self._lost: StageLostError | None = None
+        self._copies: dict[int, dict[str, np.ndarray]] = {}  # restart=True: inputs in flight
+        self._params_set: dict[str, dict[str, np.ndarray]] = {}  # replayed on a new deployment
+        self._losses: queue.Queue[tuple[StageSession, str]] = queue.Queue()
+        self._paused = threading.Event()  # a stage is being deployed again: hold inputs back
+        self._recovery: threading.Thread | None = None
         self._pull = self._context.socket(zmq.PULL)
         self._pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         self._pull.setsockopt(zmq.RCVHWM, HWM)
@@ -124,68 +154,89 @@ class PipelineModule:
         port = self._pull.bind_to_random_port(f"tcp://{self._bind_host}")
         self.address = f"tcp://{client_host}:{port}"
         try:
-            self._deploy(plan)
+            self._deploy()
         except BaseException:
             self.close()
             raise
 
     # ----- deployment
-    def _deploy(self, plan: ClusterPlan) -> None:
-        stages = self.lib.stages
-        local = [s for s in stages if plan.placements[s.name] == Placement()]
-        if local:
+    def _deploy(self) -> None:
+        local = [s.name for s in self.lib.stages if self._plan.placements[s.name] == Placement()]
+        if local:  # started together: each takes a second or so to import TVM
             self._local_workers = start_local_workers(len(local), self._bind_host)
-        workers = iter(list(self._local_workers))
-        sessions: list[StageSession] = []
-        self._sessions = sessions  # closed by close() if a later step fails
-        for stage in stages:
-            place = plan.placements[stage.name]
-            stage = replace(stage, **place.options)
-            relay: dict[str, Any] | None = None
-            if place.server is not None:
-                host, _, port = place.server.rpartition(":")
-                session = connect_server(stage, place.server)
-                relay = {"host": host, "port": port}
-            elif place.key is not None:
-                assert plan.tracker is not None
-                session = request_from_tracker(stage, plan.tracker, place.key)
-                relay = {"tracker": list(plan.tracker), "key": place.key}
-            else:
-                worker = next(workers)
-                session = connect_server(stage, f"{worker.host}:{worker.port}")
-            sessions.append(session)
+            self._worker_of = dict(zip(local, self._local_workers, strict=True))
+        for stage in self.lib.stages:
+            self._sessions.append(self._place(stage))  # closed by close() if a later step fails
+        for session in self._sessions:
+            session.call("tvmpipe.stage.start", self._start_message(session.stage.name))
+        for stage_name in self.wiring.input_stages():
+            self._pushes[stage_name] = self._input_socket(self._session_of(stage_name).address)
+        self._monitor = StageMonitor(self._sessions, self._stage_lost)
+        self._monitor.start()
+        self._receiver = threading.Thread(
+            target=self._receive_loop, name="tvmpipe-client-receive", daemon=True
+        )
+        self._receiver.start()
+
+    def _place(self, stage: StageInfo) -> StageSession:
+        """A session for ``stage`` where the plan puts it, with the stage loaded and weighted."""
+        place = self._plan.placements[stage.name]
+        stage = replace(stage, **place.options)
+        relay: dict[str, Any] | None = None
+        if place.server is not None:
+            host, _, port = place.server.rpartition(":")
+            session = connect_server(stage, place.server)
+            relay = {"host": host, "port": port}
+        elif place.key is not None:
+            assert self._plan.tracker is not None
+            session = request_from_tracker(stage, self._plan.tracker, place.key)
+            relay = {"tracker": list(self._plan.tracker), "key": place.key}
+        else:
+            worker = self._local_worker(stage.name)
+            session = connect_server(stage, f"{worker.host}:{worker.port}")
+        try:
             try:
                 session.handshake()
             except PlainServerError:
                 if relay is None:
                     raise
                 session.close()  # frees the plain server for the relay's own session
-                sessions[-1] = session = self._relay_session(stage)
+                session = self._relay_session(stage)
             else:
                 relay = None
             session.upload_and_load(self.lib, relay)
-            initial = self.lib.initial_params(stage)
-            if initial:
-                session.call("tvmpipe.stage.set_params", _blob(initial))
-        addresses = {s.stage.name: s.address for s in sessions}
-        for session in sessions:
-            session.call(
-                "tvmpipe.stage.start",
-                self.wiring.start_message(session.stage.name, addresses, self.address),
-            )
-        for stage_name in self.wiring.input_stages():
-            push = self._context.socket(zmq.PUSH)
-            push.setsockopt(zmq.SNDHWM, HWM)
-            push.setsockopt(zmq.LINGER, LINGER_MS)
-            push.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))  # never block forever
-            push.connect(addresses[stage_name])
-            self._pushes[stage_name] = push
-        self._monitor = StageMonitor(sessions, self._stage_lost)
-        self._monitor.start()
-        self._receiver = threading.Thread(
-            target=self._receive_loop, name="tvmpipe-client-receive", daemon=True
-        )
-        self._receiver.start()
+            params = {**self.lib.initial_params(stage), **self._params_set.get(stage.name, {})}
+            if params:
+                session.call("tvmpipe.stage.set_params", _blob(params))
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def _local_worker(self, key: str, extra_args: Sequence[str] = ()) -> LocalWorker:
+        """The loopback worker for ``key``; a new one if there is none or it died."""
+        worker = self._worker_of.get(key)
+        if worker is not None and worker.process.poll() is None:
+            return worker
+        if worker is not None:
+            worker.stop()
+            self._local_workers.remove(worker)
+        worker = LocalWorker(self._bind_host, extra_args)
+        self._local_workers.append(worker)
+        worker.wait_ready()
+        self._worker_of[key] = worker
+        return worker
+
+    def _start_message(self, stage: str) -> str:
+        addresses = {s.stage.name: s.address for s in self._sessions}
+        return self.wiring.start_message(stage, addresses, self.address, self._queue_bytes)
+
+    def _input_socket(self, address: str) -> zmq.Socket[Any]:
+        push = self._context.socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, HWM)
+        push.setsockopt(zmq.LINGER, LINGER_MS)
+        push.connect(address)
+        return push
 
     # ----- the RFC's queue
     def set_input(self, name: str, value: Any) -> None:
@@ -288,13 +339,17 @@ class PipelineModule:
                 )
             arrays[name] = array
         self._session_of(stage.name).call("tvmpipe.stage.set_params", _blob(arrays))
+        self._params_set.setdefault(stage.name, {}).update(arrays)
 
     def stats(self) -> dict[str, Any]:
         """Per-stage counters from the workers, and the client's own."""
         self._check_open()
         stages = {}
-        for session in self._sessions:
-            data = json.loads(session.call("tvmpipe.stage.stats"))
+        for session in list(self._sessions):
+            try:
+                data = json.loads(session.call("tvmpipe.stage.stats"))
+            except DeployError as exc:  # lost, and being deployed again or failed
+                data = {"unreachable": str(exc)}
             data.update(device=session.stage.device, worker=session.peer, address=session.address)
             stages[session.stage.name] = data
         with self._cond:
@@ -303,6 +358,7 @@ class PipelineModule:
                 "in_flight": self._in_flight,
                 "queued_inputs": {n: len(q) for n, q in self._queues.items()},
                 "waiting_results": len(self._results),
+                "restarts_left": self._restarts_left if self._restart else 0,
                 **self._counters,
             }
         return {"stages": stages, "client": client}
@@ -320,6 +376,8 @@ class PipelineModule:
             self._monitor.stop()
         if self._receiver is not None:
             self._receiver.join(5)
+        if self._recovery is not None:
+            self._recovery.join(5)
         lost = self._lost.stage if self._lost is not None else None
         for session in self._sessions:
             session.close(stop=session.stage.name != lost)
@@ -345,10 +403,8 @@ class PipelineModule:
     # ----- internals
     def _relay_session(self, stage: StageInfo) -> StageSession:
         """A local stage process that drives a plain TVM RPC server for this stage."""
-        worker = LocalWorker(self._bind_host, ["--custom-addr", self._client_host])
-        self._local_workers.append(worker)
-        host, port = worker.wait_ready()
-        session = connect_server(stage, f"{host}:{port}")
+        worker = self._local_worker(f"{stage.name} relay", ["--custom-addr", self._client_host])
+        session = connect_server(stage, f"{worker.host}:{worker.port}")
         session.handshake()
         return session
 
@@ -362,7 +418,26 @@ class PipelineModule:
         if self._lost is not None:
             raise self._lost
 
-    def _stage_lost(self, stage: str, reason: str) -> None:
+    def _stage_lost(self, session: StageSession, reason: str) -> None:
+        """The monitor lost a session: deploy the stage again if asked to, else fail."""
+        with self._cond:
+            if self._lost is not None or self._closed:
+                return
+            if self._restart and self._restarts_left > 0:
+                self._restarts_left -= 1
+                self._paused.set()
+                self._losses.put((session, reason))
+                if self._recovery is None:
+                    self._recovery = threading.Thread(
+                        target=self._recovery_loop, name="tvmpipe-client-recovery", daemon=True
+                    )
+                    self._recovery.start()
+                return
+            if self._restart:
+                reason += "; it was deployed again as often as max_restarts allows"
+        self._fail(session.stage.name, reason)
+
+    def _fail(self, stage: str, reason: str) -> None:
         """Fail every input in flight, and refuse new ones: they cannot complete."""
         error = StageLostError(stage, f"stage {stage!r} is lost: {reason}")
         with self._cond:
@@ -377,9 +452,55 @@ class PipelineModule:
             futures = list(self._futures.values())
             self._futures.clear()
             self._in_flight -= len(futures)
+            self._copies.clear()
+            self._paused.clear()
             self._cond.notify_all()
         for future in futures:
             future.set_exception(error)
+
+    # ----- recovery (restart=True)
+    def _recovery_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                lost, reason = self._losses.get(timeout=POLL_MS / 1000)
+            except queue.Empty:
+                continue
+            try:
+                self._redeploy(lost)
+            except Exception as exc:
+                self._fail(lost.stage.name, f"{reason}; deploying it again failed: {exc}")
+                return
+            with self._cond:
+                if self._losses.empty():
+                    self._paused.clear()
+
+    def _redeploy(self, lost: StageSession) -> None:
+        """Deploy the lost stage again, rewire its neighbours, send the inputs in flight again."""
+        name = lost.stage.name
+        lost.abort()
+        lost.close(stop=False)
+        session = self._place(self.lib.stage(name))
+        with self._send_lock:
+            with self._cond:
+                if self._closed:
+                    session.close()
+                    return
+                self._sessions = [session if s is lost else s for s in self._sessions]
+            session.call("tvmpipe.stage.start", self._start_message(name))
+            rewire = json.dumps({"name": name, "address": session.address})
+            for upstream in self.wiring.upstream_stages(name):
+                self._session_of(upstream).call("tvmpipe.stage.rewire", rewire)
+            if name in self._pushes:
+                self._pushes.pop(name).close(linger=0)
+                self._pushes[name] = self._input_socket(session.address)
+            assert self._monitor is not None
+            self._monitor.watch(session)
+            self._counters["restarts"] += 1
+            with self._cond:
+                pending = sorted(self._copies.items())
+            for seq, inputs in pending:
+                if not self._send_now(seq, inputs, resending=True):
+                    return
 
     def _session_of(self, stage: str) -> StageSession:
         return next(s for s in self._sessions if s.stage.name == stage)
@@ -407,19 +528,36 @@ class PipelineModule:
         return seq
 
     def _send(self, seq: int, inputs: dict[str, np.ndarray]) -> None:
+        if self._restart:
+            with self._cond:
+                self._copies[seq] = inputs
         with self._send_lock:
-            for stage, tensors in self.wiring.client_messages(inputs):
-                frames = encode(Message.data(seq, CLIENT, tensors))
-                try:
-                    self._pushes[stage].send_multipart(frames, copy=False)
-                    self._counters["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
-                except zmq.Again:
+            if not self._paused.is_set():  # else the recovery sends it with the others
+                self._send_now(seq, inputs)
+
+    def _send_now(self, seq: int, inputs: dict[str, np.ndarray], resending: bool = False) -> bool:
+        """Send one input set (holding ``_send_lock``); False if a stage was lost meanwhile."""
+        deadline = time.monotonic() + self.timeout
+        for stage, tensors in self.wiring.client_messages(inputs):
+            frames = encode(Message.data(seq, CLIENT, tensors))
+            push = self._pushes[stage]
+            while not push.poll(POLL_MS, zmq.POLLOUT):
+                if (
+                    self._closed
+                    or self._lost
+                    or (not self._losses.empty() if resending else self._paused.is_set())
+                ):
+                    return False
+                if time.monotonic() > deadline:
                     error = BackpressureTimeout(
                         f"stage {stage!r} accepted no input for {self.timeout:.1f} s; input "
                         f"#{seq} was not delivered"
                     )
                     self._deliver(seq, error)
-                    raise error from None
+                    raise error
+            push.send_multipart(frames, copy=False)
+            self._counters["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
+        return True
 
     def _receive_loop(self) -> None:
         poller = zmq.Poller()
@@ -458,6 +596,7 @@ class PipelineModule:
 
     def _deliver(self, seq: int, result: list[np.ndarray] | Exception) -> None:
         with self._cond:
+            self._copies.pop(seq, None)
             future = self._futures.pop(seq, None)
             if future is None:
                 self._results[seq] = result

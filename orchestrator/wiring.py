@@ -57,11 +57,18 @@ class Wiring:
             dests.append({"name": CLIENT, "address": client, "tensors": outputs})
         return dests
 
-    def start_message(self, stage: str, addresses: Mapping[str, str], client: str) -> str:
+    def upstream_stages(self, stage: str) -> list[str]:
+        """The stages that send to ``stage`` (the client aside)."""
+        return [s for s in self.senders(stage) if s != CLIENT]
+
+    def start_message(
+        self, stage: str, addresses: Mapping[str, str], client: str, queue_bytes: int
+    ) -> str:
         return json.dumps(
             {
                 "senders": self.senders(stage),
                 "destinations": self.destinations(stage, addresses, client),
+                "queue_bytes": queue_bytes,
             }
         )
 

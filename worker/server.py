@@ -7,6 +7,7 @@ ordinary RPC server. The controller, through the session, uploads a stage artifa
     tvmpipe.handshake(json) -> json          versions and devices, checked by both sides
     tvmpipe.stage.load(json) -> json         load the artifact on its device, bind the PULL socket
     tvmpipe.stage.start(json)                connect to the next stages and start the loops
+    tvmpipe.stage.rewire(json)               a next stage was deployed again: send to its address
     tvmpipe.stage.set_params(bytes)          replace parameter-group weights (a proto blob)
     tvmpipe.stage.stats() -> json            counters, queue depths, service times
     tvmpipe.stage.stop()                     stop the loops and close the sockets
@@ -38,7 +39,7 @@ from tvmpipe.proto.messages import check_handshake, decode_blob, handshake_info
 from .placement import check_cores, pin_current_thread
 from .relay import RelayRunner
 from .runner import Runner, StageRunner, tvm_device
-from .stage import Destination, Stage
+from .stage import QUEUE_BYTES, Destination, Stage
 
 DEVICES = ("cpu", "cuda", "opencl", "vulkan", "metal", "rocm")
 
@@ -131,7 +132,13 @@ def _start(wiring_json: str) -> None:
         Destination(d["name"], d["address"], tuple((int(i), str(n)) for i, n in d["tensors"]))
         for d in wiring["destinations"]
     ]
-    _current().start(list(wiring["senders"]), destinations)
+    queue_bytes = int(wiring.get("queue_bytes", QUEUE_BYTES))
+    _current().start(list(wiring["senders"]), destinations, queue_bytes)
+
+
+def _rewire(request_json: str) -> None:
+    request = json.loads(request_json)
+    _current().rewire(str(request["name"]), str(request["address"]))
 
 
 def _set_params(blob: bytearray) -> None:
@@ -154,6 +161,7 @@ def register_functions() -> None:
         ("tvmpipe.handshake", _handshake),
         ("tvmpipe.stage.load", _load),
         ("tvmpipe.stage.start", _start),
+        ("tvmpipe.stage.rewire", _rewire),
         ("tvmpipe.stage.set_params", _set_params),
         ("tvmpipe.stage.stats", _stats),
         ("tvmpipe.stage.stop", _stop),
@@ -185,11 +193,14 @@ def _serve_session(sock: Any, load_library: Any, work_path: Any) -> None:
 
 def _serving_that_survives(sock: Any, addr: Any, opts: Any, load_library: Any) -> None:
     """TVM's per-connection handler raises when a session process dies abnormally, which
-    would end the listening thread and take the whole worker off the tracker."""
+    would end the listening thread and take the whole worker off the tracker; it also leaves
+    the process in the session's directory, deleted soon after, where the next session fails."""
+    cwd = os.getcwd()  # TVM moves into the session's directory and, on error, stays there
     try:
         _original_serving(sock, addr, opts, load_library)
-    except RuntimeError as exc:
+    except (RuntimeError, OSError) as exc:
         logging.getLogger("RPCServer").warning("a session ended abnormally: %s", exc)
+        os.chdir(cwd)
         with contextlib.suppress(OSError):
             sock.close()
 

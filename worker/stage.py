@@ -7,18 +7,22 @@
 Every sender delivers exactly one message (data or error) per sequence number to each of its
 destinations, so a stage knows when an input set is complete, and an error travels along the
 same edges as data would have, reaching the client once per output stage. ZeroMQ sockets are
-each used by one thread only. Queues are bounded: when the stage falls behind, the receiver
-stops reading and ZeroMQ's high-water marks push back on the producers.
+each used by one thread only.
+
+Everything a stage buffers is bounded in bytes (``queue_bytes``, split four ways): the compute
+and send queues hold at most a quarter each, and each outgoing socket's high-water mark is set,
+when its first message shows how big messages on that edge are, to hold at most another quarter.
+The data socket buffers at most ``RCV_HWM`` messages per sender. When the stage falls behind,
+the receiver stops reading and TCP pushes back on the producers.
 """
 
 from __future__ import annotations
 
 import collections
-import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -34,11 +38,14 @@ from tvmpipe.proto.messages import (
     encode,
 )
 
+from .queues import ByteQueue
 from .runner import Runner
 
 POLL_MS = 50
 QUEUE_DEPTH = 4  # input sets waiting for compute, outputs waiting to be sent
-HWM = 16  # ZeroMQ messages buffered per socket and direction
+QUEUE_BYTES = 64 << 20  # all that a stage buffers, compute and send queues and sockets
+HWM = 16  # the most ZeroMQ messages an outgoing socket buffers, however small
+RCV_HWM = 2  # messages buffered per sender on the data socket
 LINGER_MS = 1000
 SAMPLES = 4096  # service times kept for the mean and p99
 MAX_PENDING_JOINS = 1024  # partial input sets kept while waiting for their other senders
@@ -101,29 +108,37 @@ class Stage:
         self._context = zmq.Context()
         self._pull = self._context.socket(zmq.PULL)
         self._pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        self._pull.setsockopt(zmq.RCVHWM, HWM)
+        self._pull.setsockopt(zmq.RCVHWM, RCV_HWM)
         self._pull.setsockopt(zmq.LINGER, 0)
         self.port = self._pull.bind_to_random_port(f"tcp://{bind_host}")
-        self._pushes: list[tuple[Destination, zmq.Socket[Any]]] = []
+        self._destinations: list[Destination] = []
+        self._pushes: dict[str, zmq.Socket[Any]] = {}  # made by the send loop, on first use
+        self._rewires: dict[str, str] = {}  # destination name -> its new address
         self._senders: frozenset[str] = frozenset()
-        self._compute_queue: queue.Queue[tuple[int, Any]] = queue.Queue(QUEUE_DEPTH)
-        self._send_queue: queue.Queue[tuple[int, Any]] = queue.Queue(QUEUE_DEPTH)
+        self._socket_bytes = QUEUE_BYTES // 4
+        self._compute_queue: ByteQueue[tuple[int, Any]] = ByteQueue(QUEUE_DEPTH, QUEUE_BYTES // 4)
+        self._send_queue: ByteQueue[tuple[int, Any]] = ByteQueue(QUEUE_DEPTH, QUEUE_BYTES // 4)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._pending: dict[int, dict[str, Message]] = {}
         self._lock = threading.Lock()
 
-    def start(self, senders: list[str], destinations: list[Destination]) -> None:
-        """Connect to the destinations and start the loops; ``senders`` feed this stage."""
+    def start(
+        self,
+        senders: list[str],
+        destinations: list[Destination],
+        queue_bytes: int = QUEUE_BYTES,
+    ) -> None:
+        """Start the loops; ``senders`` feed this stage, which buffers at most ``queue_bytes``."""
         if self._threads:
             raise RuntimeError(f"stage {self.name!r} is already running")
+        if queue_bytes < 4:
+            raise ValueError(f"queue_bytes must be at least 4, got {queue_bytes}")
         self._senders = frozenset(senders)
-        for dest in destinations:
-            push = self._context.socket(zmq.PUSH)
-            push.setsockopt(zmq.SNDHWM, HWM)
-            push.setsockopt(zmq.LINGER, LINGER_MS)
-            push.connect(dest.address)
-            self._pushes.append((dest, push))
+        self._destinations = list(destinations)
+        self._socket_bytes = queue_bytes // 4
+        self._compute_queue = ByteQueue(QUEUE_DEPTH, queue_bytes // 4)
+        self._send_queue = ByteQueue(QUEUE_DEPTH, queue_bytes // 4)
         for target, label in (
             (self._receive_loop, "receive"),
             (self._compute_loop, "compute"),
@@ -142,9 +157,20 @@ class Stage:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._pull.close(linger=0)
-        for _, push in self._pushes:
+        for push in self._pushes.values():
             push.close(linger=LINGER_MS)
         self._context.term()
+
+    def rewire(self, name: str, address: str) -> None:
+        """Send to destination ``name`` at ``address`` from now on (it was deployed again).
+
+        Messages still buffered for the old address are dropped: the client sends every input
+        that was in flight again.
+        """
+        if name not in {d.name for d in self._destinations}:
+            raise ValueError(f"stage {self.name!r} sends nothing to {name!r}")
+        with self._lock:
+            self._rewires[name] = address
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -153,6 +179,7 @@ class Stage:
         summary.update(self.placement)
         summary["compute_queue"] = self._compute_queue.qsize()
         summary["send_queue"] = self._send_queue.qsize()
+        summary["queued_bytes"] = self._compute_queue.nbytes() + self._send_queue.nbytes()
         return summary
 
     # ----- the three loops
@@ -177,7 +204,9 @@ class Stage:
                 continue
             complete = self._join(msg)
             if complete is not None:
-                self._put(self._compute_queue, complete)
+                payload = complete[1]
+                held = 0 if isinstance(payload, RemoteError) else _nbytes(payload.values())
+                self._put(self._compute_queue, complete, held)
 
     def _check_sender(self, msg: Message) -> None:
         if msg.type is not MsgType.STOP and msg.sender not in self._senders:
@@ -218,7 +247,7 @@ class Stage:
                 continue
             seq, payload = item
             if isinstance(payload, RemoteError):
-                self._put(self._send_queue, (seq, payload))
+                self._put(self._send_queue, (seq, payload), 0)
                 continue
             started = time.perf_counter()
             try:
@@ -233,10 +262,10 @@ class Stage:
                     self.stats.failed += 1
                 else:
                     self.stats.processed += 1
-            self._put(self._send_queue, (seq, result))
+            self._put(self._send_queue, (seq, result), _nbytes(result))
 
     def _check_outputs(self, outputs: list[np.ndarray]) -> None:
-        wanted = max((i for dest, _ in self._pushes for i, _ in dest.tensors), default=-1)
+        wanted = max((i for dest in self._destinations for i, _ in dest.tensors), default=-1)
         if wanted >= len(outputs):
             raise ValueError(
                 f"stage {self.name!r} returned {len(outputs)} output(s) but output({wanted}) "
@@ -245,13 +274,14 @@ class Stage:
 
     def _send_loop(self) -> None:
         while not self._stopping.is_set():
+            self._apply_rewires()
             item = self._get(self._send_queue)
             if item is None:
                 continue
             seq, result = item
-            for dest, push in self._pushes:
+            for dest in self._destinations:
                 frames = self._frames(seq, dest, result)
-                if not self._send(push, frames):
+                if not self._send(dest.name, frames):
                     return
                 with self._lock:
                     self.stats.bytes_out += sum(len(memoryview(f)) for f in frames)
@@ -267,25 +297,53 @@ class Stage:
                 result = RemoteError.from_exception(self.name, exc)
         return encode(Message.failure(seq, self.name, result))
 
-    def _send(self, push: zmq.Socket[Any], frames: list[Any]) -> bool:
+    def _send(self, name: str, frames: list[Any]) -> bool:
         """Send, waiting while the peer's queue is full; False once the stage is stopping."""
+        size = sum(len(memoryview(f)) for f in frames)
         while not self._stopping.is_set():
+            self._apply_rewires()
+            push = self._socket(name, size)
             if push.poll(POLL_MS, zmq.POLLOUT):
                 push.send_multipart(frames, copy=False)
                 return True
         return False
 
-    # ----- bounded queues that give way to stop()
-    def _put(self, q: queue.Queue[Any], item: Any) -> None:
-        while not self._stopping.is_set():
-            try:
-                q.put(item, timeout=POLL_MS / 1000)
-                return
-            except queue.Full:
-                continue
+    def _socket(self, name: str, message_bytes: int) -> zmq.Socket[Any]:
+        """The socket to ``name``; its high-water mark holds ``_socket_bytes`` of such messages."""
+        push = self._pushes.get(name)
+        if push is None:
+            dest = next(d for d in self._destinations if d.name == name)
+            push = self._context.socket(zmq.PUSH)
+            push.setsockopt(zmq.SNDHWM, max(1, min(HWM, self._socket_bytes // message_bytes)))
+            push.setsockopt(zmq.LINGER, LINGER_MS)
+            push.connect(dest.address)
+            self._pushes[name] = push
+        return push
 
-    def _get(self, q: queue.Queue[Any]) -> Any:
-        try:
-            return q.get(timeout=POLL_MS / 1000)
-        except queue.Empty:
-            return None
+    def _apply_rewires(self) -> None:
+        """In the send thread, which owns the sockets: reconnect moved destinations."""
+        with self._lock:
+            rewires, self._rewires = self._rewires, {}
+        for name, address in rewires.items():
+            old = self._pushes.pop(name, None)
+            if old is not None:
+                old.close(linger=0)
+            self._destinations = [
+                replace(d, address=address) if d.name == name else d for d in self._destinations
+            ]
+
+    # ----- bounded queues that give way to stop()
+    def _put(self, q: ByteQueue[Any], item: Any, nbytes: int) -> None:
+        while not self._stopping.is_set():
+            if q.put(item, nbytes, timeout=POLL_MS / 1000):
+                return
+
+    def _get(self, q: ByteQueue[Any]) -> Any:
+        return q.get(timeout=POLL_MS / 1000)
+
+
+def _nbytes(result: Any) -> int:
+    """What a stage's outputs hold in memory (0 for an error)."""
+    if isinstance(result, RemoteError):
+        return 0
+    return sum(int(getattr(t, "nbytes", 0)) for t in result)
