@@ -140,6 +140,7 @@ class PipelineModule:
         self._receiver: threading.Thread | None = None
         self._monitor: StageMonitor | None = None
         self._lost: StageLostError | None = None
+        self._lost_sessions: set[StageSession] = set()  # not asked to stop: they may hang
         self._copies: dict[int, dict[str, np.ndarray]] = {}  # restart=True: inputs in flight
         self._params_set: dict[str, dict[str, np.ndarray]] = {}  # replayed on a new deployment
         self._losses: queue.Queue[tuple[StageSession, str]] = queue.Queue()
@@ -378,9 +379,8 @@ class PipelineModule:
             self._receiver.join(5)
         if self._recovery is not None:
             self._recovery.join(5)
-        lost = self._lost.stage if self._lost is not None else None
         for session in self._sessions:
-            session.close(stop=session.stage.name != lost)
+            session.close(stop=session not in self._lost_sessions)
         self._sessions = []
         for push in self._pushes.values():
             push.close(linger=0)
@@ -422,6 +422,8 @@ class PipelineModule:
         """The monitor lost a session: deploy the stage again if asked to, else fail."""
         with self._cond:
             if self._lost is not None or self._closed:
+                session.abort()  # a call stuck on it would hold close() for minutes
+                self._lost_sessions.add(session)
                 return
             if self._restart and self._restarts_left > 0:
                 self._restarts_left -= 1
@@ -447,6 +449,7 @@ class PipelineModule:
             for session in self._sessions:
                 if session.stage.name == stage:
                     session.abort()
+                    self._lost_sessions.add(session)
             for seq in self._launched:
                 self._results.setdefault(seq, error)
             futures = list(self._futures.values())

@@ -213,10 +213,21 @@ class StageSession:
             with contextlib.suppress(DeployError):
                 self.call("tvmpipe.stage.stop", wait=timeout)
         got = self._lock.acquire(timeout=timeout)
+        if not got:  # a call is stuck on an unreachable peer: break its connection, wait again
+            self.abort()
+            got = self._lock.acquire(timeout=timeout)
+        if not got:
+            # Freeing the handles would block on the RPC endpoint's mutex, held by the stuck
+            # call until TCP gives up (minutes): keep them for the life of the process.
+            _stuck_sessions.append((self._session, self._functions))
+            self._session, self._functions = None, {}
+            return
         self._functions.clear()
         self._session = None
-        if got:
-            self._lock.release()
+        self._lock.release()
+
+
+_stuck_sessions: list[Any] = []  # sessions whose call never returned, and their functions
 
 
 def _remote_message(exc: BaseException) -> str:

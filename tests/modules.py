@@ -245,3 +245,22 @@ def none_on_marker(data):  # type: ignore[no-untyped-def]
     if float(data.flat[0]) == FAIL_MARKER:
         return None
     return data * 2
+
+
+# ----- Python stages for the memory test (tests/integration/test_memory.py)
+
+
+def pause_then_increment(data):  # type: ignore[no-untyped-def]
+    """Sleeps 1 ms (a stage slower than its producer), then returns ``data + 1``."""
+    import time
+
+    time.sleep(0.001)
+    return data + 1
+
+
+def pause_then_double(data):  # type: ignore[no-untyped-def]
+    """Sleeps 1 ms, then returns ``data * 2``."""
+    import time
+
+    time.sleep(0.001)
+    return data * 2

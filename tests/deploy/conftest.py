@@ -1,9 +1,11 @@
-"""Shared by the deployment tests: the RFC's three-module example, built once per module."""
+"""Shared by the deployment tests: the RFC's three-module example, built once per module, and
+after every test a check that no process, thread or socket was left behind."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import leaks
 import pytest
 import tvm
 from modules import rfc_example_modules, wire_rfc_example
@@ -20,3 +22,11 @@ def rfc_lib() -> Iterator[PipelineLibrary]:
         lib = build_pipeline(cfg)
     yield lib
     lib.close()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """After each test: no process, thread or file descriptor (socket) left (tests/leaks.py).
+    Module-scoped fixtures are set up before this snapshot, so what they hold is not counted."""
+    with leaks.checked():
+        yield

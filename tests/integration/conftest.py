@@ -1,5 +1,5 @@
 """Fixtures for the integration tests: a real TVM tracker, real tvmpipe workers, and after
-every test a check that no process and no thread was left behind.
+every test a check that no process, thread or socket was left behind.
 
 Every server listens on an ephemeral loopback port and is known to be ready by polling with a
 deadline (its ready line, or its listening socket), never by sleeping a fixed time.
@@ -14,12 +14,11 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import leaks
 import psutil
 import pytest
 import tvm
@@ -31,8 +30,6 @@ from tvmpipe.orchestrator.deploy import LocalWorker
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
-LEAK_DEADLINE_S = 10.0
-TOKEN_ENV = "TVMPIPE_INTEGRATION_TEST_TOKEN"
 
 
 def build(cfg: PipelineModuleConfig) -> PipelineLibrary:
@@ -54,87 +51,11 @@ def rfc_lib() -> Iterator[PipelineLibrary]:
 # ----- leak checks
 
 
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _describe(proc: psutil.Process) -> str:
-    try:
-        return f"pid {proc.pid} (parent {proc.ppid()}): {' '.join(proc.cmdline())}"
-    except psutil.Error:
-        return f"pid {proc.pid} (gone)"
-
-
-def _marked_processes(token: str) -> list[psutil.Process]:
-    """Every live process that inherited this test's token, children and orphans alike."""
-    me = os.getpid()
-    found = []
-    for proc in psutil.process_iter():
-        if proc.pid == me:
-            continue
-        try:
-            if proc.environ().get(TOKEN_ENV) == token and _alive(proc):
-                found.append(proc)
-        except psutil.Error:
-            continue
-    return found
-
-
-def _left_processes(token: str) -> list[psutil.Process]:
-    me = psutil.Process()
-    left = {p.pid: p for p in me.children(recursive=True) if _alive(p)}
-    left.update({p.pid: p for p in _marked_processes(token)})
-    return list(left.values())
-
-
-def _leaked_threads(before: set[int]) -> list[threading.Thread]:
-    return [
-        t
-        for t in threading.enumerate()
-        if t is not threading.main_thread()
-        and t.ident not in before
-        and (not t.daemon or "tvmpipe" in t.name)
-    ]
-
-
 @pytest.fixture(autouse=True)
 def no_leaks() -> Iterator[None]:
-    """After each test: no child process (nor any process it started, even orphaned) and no new
-    non-daemon or tvmpipe thread. Whatever leaked is killed, then the test fails naming it."""
-    token = uuid.uuid4().hex
-    old = os.environ.get(TOKEN_ENV)
-    os.environ[TOKEN_ENV] = token  # inherited by every process the test starts
-    threads_before = {t.ident for t in threading.enumerate() if t.ident is not None}
-    try:
+    """After each test: no process, thread or file descriptor (socket) left (tests/leaks.py)."""
+    with leaks.checked():
         yield
-    finally:
-        if old is None:
-            os.environ.pop(TOKEN_ENV, None)
-        else:
-            os.environ[TOKEN_ENV] = old
-    deadline = time.monotonic() + LEAK_DEADLINE_S
-    left = _left_processes(token)
-    threads = _leaked_threads(threads_before)
-    while (left or threads) and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = _left_processes(token)
-        threads = _leaked_threads(threads_before)
-    described = [_describe(p) for p in left]
-    for proc in left:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(left, timeout=STOP_TIMEOUT_S)  # reaps those that are our children
-    problems = []
-    if described:
-        problems.append("processes left running: " + "; ".join(described))
-    if threads:
-        problems.append(
-            "threads left running: " + ", ".join(f"{t.name} (daemon={t.daemon})" for t in threads)
-        )
-    assert not problems, " / ".join(problems)
 
 
 # ----- a real TVM tracker

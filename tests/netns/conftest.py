@@ -2,6 +2,7 @@
 
 They need root, iproute2 (``ip``, ``tc``), working ``ip netns add`` and ``tornado`` (TVM's
 tracker imports it); without any of these every test here is skipped, saying which is missing.
+After every test, nothing may be left running or open (tests/leaks.py) beyond the module's boards.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import leaks
 import pytest
 
 BOARDS_PY = Path(__file__).resolve().parents[2] / "deploy" / "netns" / "boards.py"
@@ -31,6 +33,14 @@ def _load_boards_module() -> ModuleType:
 
 
 netns = _load_boards_module()
+
+
+@pytest.fixture(autouse=True)
+def no_leaks() -> Iterator[None]:
+    """After each test: no process, thread or file descriptor (socket) left (tests/leaks.py).
+    Module-scoped fixtures are set up before this snapshot, so what they hold is not counted."""
+    with leaks.checked():
+        yield
 
 
 @pytest.fixture(scope="session")
