@@ -240,10 +240,14 @@ class PipelineModule:
         return push
 
     # ----- the RFC's queue
-    def set_input(self, name: str, value: Any) -> None:
-        """Queue one value for pipeline input ``name``; refused at once if it cannot fit."""
+    def set_input(self, name: str, value: Any, copy: bool = True) -> None:
+        """Queue one value for pipeline input ``name``; refused at once if it cannot fit.
+
+        ``copy=False``: the pipeline borrows ``value`` (if it is a C-contiguous array of the
+        right dtype) instead of copying it; do not write to it until its result has arrived.
+        """
         self._check_open()
-        array = self.lib.check_input(name, value)
+        array = self.lib.check_input(name, value, copy)
         with self._cond:
             self._queues[name].append(array)
 
@@ -284,15 +288,17 @@ class PipelineModule:
         return result
 
     # ----- beyond the RFC
-    def submit(self, inputs: Mapping[str, Any]) -> Future[list[np.ndarray]]:
-        """Launch one complete input set; the future holds its outputs (or the StageError)."""
+    def submit(self, inputs: Mapping[str, Any], copy: bool = True) -> Future[list[np.ndarray]]:
+        """Launch one complete input set; the future holds its outputs (or the StageError).
+
+        ``copy=False`` as for ``set_input``."""
         self._check_usable()
         names = set(self.lib.input_names())
         if set(inputs) != names:
             raise InputError(
                 f"submit needs exactly the inputs {sorted(names)}; got {sorted(inputs)}"
             )
-        arrays = {name: self.lib.check_input(name, value) for name, value in inputs.items()}
+        arrays = {name: self.lib.check_input(name, value, copy) for name, value in inputs.items()}
         future: Future[list[np.ndarray]] = Future()
         future.set_running_or_notify_cancel()
         with self._cond:
@@ -302,7 +308,7 @@ class PipelineModule:
         return future
 
     def map(
-        self, inputs: Iterable[Mapping[str, Any]], window: int | None = None
+        self, inputs: Iterable[Mapping[str, Any]], window: int | None = None, copy: bool = True
     ) -> Iterator[list[np.ndarray]]:
         """Outputs for each input set, in order, with at most ``window`` in flight."""
         limit = min(window or self.window, self.window)
@@ -310,7 +316,7 @@ class PipelineModule:
         for item in inputs:
             if len(pending) >= limit:
                 yield pending.popleft().result(self.timeout)
-            pending.append(self.submit(item))
+            pending.append(self.submit(item, copy))
         while pending:
             yield pending.popleft().result(self.timeout)
 
@@ -544,6 +550,12 @@ class PipelineModule:
         for stage, tensors in self.wiring.client_messages(inputs):
             frames = encode(Message.data(seq, CLIENT, tensors))
             push = self._pushes[stage]
+            try:  # the common case: room in the queue, no poll needed
+                push.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                self._counters["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
+                continue
+            except zmq.Again:
+                pass
             while not push.poll(POLL_MS, zmq.POLLOUT):
                 if (
                     self._closed
@@ -563,13 +575,13 @@ class PipelineModule:
         return True
 
     def _receive_loop(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._pull, zmq.POLLIN)
+        self._pull.setsockopt(zmq.RCVTIMEO, POLL_MS)  # so that the loop sees _stopping
         senders = self.wiring.output_stages()
         while not self._stopping.is_set():
-            if not poller.poll(POLL_MS):
+            try:
+                frames = self._pull.recv_multipart(copy=False)
+            except zmq.Again:
                 continue
-            frames = self._pull.recv_multipart(copy=False)
             self._counters["bytes_in"] += sum(len(f.buffer) for f in frames)
             try:
                 msg = decode(frames)

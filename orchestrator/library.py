@@ -143,8 +143,12 @@ class PipelineLibrary:
         with np.load(self.directory / stage.params_file, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
 
-    def check_input(self, name: str, value: Any) -> np.ndarray:
-        """The value as an array this input accepts; raises InputError naming what it expects."""
+    def check_input(self, name: str, value: Any, copy: bool = True) -> np.ndarray:
+        """The value as an array this input accepts; raises InputError naming what it expects.
+
+        ``copy=False`` borrows a C-contiguous array as it is: the caller promises not to write
+        to it until its result has arrived (it saves a copy and fresh pages per input).
+        """
         binding = next((b for b in self.inputs if b.name == name), None)
         if binding is None:
             valid = ", ".join(self.input_names())
@@ -171,8 +175,8 @@ class PipelineLibrary:
             raise InputError(
                 f"input {name!r} expects shape {spec.describe()}, got {list(array.shape)}"
             )
-        # A copy: the caller may reuse its buffer, and the send may borrow this one.
-        return np.array(array, order="C", copy=True)
+        # A copy by default: the caller may reuse its buffer, and the send borrows this one.
+        return np.array(array, order="C", copy=True if copy else None)
 
     # ----- local execution
     def runner(self, stage: StageInfo) -> StageRunner:

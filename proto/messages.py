@@ -95,7 +95,13 @@ class MsgType(enum.IntEnum):
     STOP = 3
 
 
-_TYPE_VALUES = frozenset(t.value for t in MsgType)
+_TYPES = {t.value: t for t in MsgType}
+_FIELDS = {
+    t: frozenset({"v", "t", "seq", "from", "tensors"} | ({"err"} if t is MsgType.ERROR else set()))
+    for t in MsgType
+}
+# Dtype strings already parsed: at most a few thousand can pass _DTYPE_RE, so it stays small.
+_DTYPES: dict[str, numpy.dtype] = {}
 
 
 @dataclass(frozen=True)
@@ -177,22 +183,24 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     frames: list[bytes | memoryview] = []
     for name, value in msg.tensors.items():
         _check_name("tensor name", name)
-        array = numpy.asarray(value)
-        if array.dtype.kind not in TENSOR_KINDS:
+        array = value if type(value) is numpy.ndarray else numpy.asarray(value)
+        dtype = array.dtype
+        if dtype.kind not in TENSOR_KINDS:
             raise ProtocolError(
-                f"tensor {name!r} has dtype {array.dtype}; only bool, integer, float and "
+                f"tensor {name!r} has dtype {dtype}; only bool, integer, float and "
                 "complex tensors can be sent"
             )
-        shape = [int(d) for d in array.shape]
-        _check_shape(name, shape)
+        shape = list(array.shape)  # numpy dims are already non-negative Python ints
+        if len(shape) > MAX_NDIM or (shape and max(shape) >= MAX_DIM):
+            _check_shape(name, shape)
         if array.nbytes > MAX_TENSOR_BYTES:
             raise ProtocolError(
                 f"tensor {name!r} is {array.nbytes} bytes, over the limit of {MAX_TENSOR_BYTES}"
             )
         if not array.flags.c_contiguous:
             array = numpy.ascontiguousarray(array)
-        specs.append([name, array.dtype.str, shape])
-        frames.append(array.reshape(-1).view(numpy.uint8).data)
+        specs.append([name, dtype.str, shape])
+        frames.append(_byte_view(array))
 
     header: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
@@ -233,11 +241,11 @@ def decode(frames: Sequence[object]) -> Message:
     header = _unpack_header(views[0])
 
     msg_type = header.get("t")
-    if type(msg_type) is not int or msg_type not in _TYPE_VALUES:
+    kind = _TYPES.get(msg_type) if type(msg_type) is int else None
+    if kind is None:
         raise ProtocolError(f"unknown message type {msg_type!r}")
-    kind = MsgType(msg_type)
-    expected = {"v", "t", "seq", "from", "tensors"} | ({"err"} if kind is MsgType.ERROR else set())
-    if set(header) != expected:
+    expected = _FIELDS[kind]
+    if header.keys() != expected:
         missing = sorted(expected - set(header))
         extra = sorted(map(repr, set(header) - expected))
         raise ProtocolError(f"{kind.name} header fields wrong: missing {missing}, extra {extra}")
@@ -451,6 +459,16 @@ def _parse_spec(index: int, spec: object) -> tuple[str, numpy.dtype, list[int]]:
         raise ProtocolError(f"tensor entry {index} must be [name, dtype, shape], got {spec!r:.100}")
     name, dtype_str, shape = spec
     _check_name("tensor name", name)
+    dtype = _DTYPES.get(dtype_str) if type(dtype_str) is str else None
+    if dtype is None:
+        dtype = _parse_dtype(name, dtype_str)
+    if not isinstance(shape, list):
+        raise ProtocolError(f"tensor {name!r} shape must be a list, got {shape!r:.100}")
+    _check_shape(name, shape)
+    return name, dtype, shape
+
+
+def _parse_dtype(name: str, dtype_str: object) -> numpy.dtype:
     if not (isinstance(dtype_str, str) and _DTYPE_RE.fullmatch(dtype_str)):
         raise ProtocolError(
             f"tensor {name!r} has dtype {dtype_str!r:.40}; only bool, integer, float and "
@@ -462,10 +480,16 @@ def _parse_spec(index: int, spec: object) -> tuple[str, numpy.dtype, list[int]]:
         raise ProtocolError(f"tensor {name!r} has unknown dtype {dtype_str!r}") from exc
     if dtype.kind not in TENSOR_KINDS:
         raise ProtocolError(f"tensor {name!r} has non-numeric dtype {dtype_str!r}")
-    if not isinstance(shape, list):
-        raise ProtocolError(f"tensor {name!r} shape must be a list, got {shape!r:.100}")
-    _check_shape(name, shape)
-    return name, dtype, shape
+    if type(dtype_str) is str:
+        _DTYPES[dtype_str] = dtype
+    return dtype
+
+
+def _byte_view(array: numpy.ndarray) -> memoryview:
+    """The bytes of a C-contiguous array as a flat memoryview, without a copy."""
+    if array.size:
+        return array.data.cast("B")
+    return array.reshape(-1).view(numpy.uint8).data  # cast() refuses zeros in the shape
 
 
 def _check_shape(name: str, shape: list[Any]) -> None:

@@ -543,7 +543,7 @@ def test_submit_map_and_stats(rfc_lib: PipelineLibrary) -> None:
     for name, stage in stats["stages"].items():
         assert stage["received"] == stage["processed"] == stage["sent"] == total, name
         assert stage["failed"] == 0
-        for depth in ("compute_queue", "send_queue", "pending_joins"):
+        for depth in ("send_queue", "queued_bytes", "pending_joins"):
             assert stage[depth] == 0, (name, depth)
         assert stage["service_mean_s"] > 0
         assert stage["service_p99_s"] > 0

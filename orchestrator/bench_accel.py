@@ -1,0 +1,85 @@
+"""Comparison 2: orchestration efficiency, with stages that stand for accelerators.
+
+Each stage is a Python function that sleeps ``busy_ms`` (the device is busy, the CPU is free)
+and passes a 1 MiB tensor on. A chain of n such stages can at best finish one input every
+``busy_ms``, whatever n is: the ideal throughput is 1 / busy_ms, and what falls short of it is
+the orchestration's cost (data movement, hand-offs, waiting) on the stages' critical path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+
+from .bench_common import SETTLE_S, Row, Settings, median, stream_rate
+from .bench_stages import BUSY
+from .build import build_pipeline
+from .client import PipelineModule
+from .config import PipelineModuleConfig
+from .library import PipelineLibrary
+
+NAME = "2 orchestration"
+CHAINS = (2, 4, 8)
+TENSOR_BYTES = 1 << 20
+TARGET = 0.95
+INPUTS = (100, 20)  # per repetition, after the window that fills the chain: full, quick
+SLEEPS = 20
+
+
+def busy_library(stages: int) -> PipelineLibrary:
+    """``stages`` busy stages in a chain; every one passes ``data`` and ``busy_ms`` on."""
+    chain = BUSY[:stages]
+    cfg = PipelineModuleConfig()
+    cfg.inputs["data"] = (chain[0], "data")
+    cfg.inputs["busy_ms"] = (chain[0], "busy_ms")
+    for src, dst in itertools.pairwise(chain):
+        cfg.connect(src, 0, dst, "data")
+        cfg.connect(src, 1, dst, "busy_ms")
+    cfg.outputs.append((chain[-1], 0))
+    return build_pipeline(cfg)
+
+
+def chain_rates(stages: int, item: dict[str, np.ndarray], settings: Settings) -> list[float]:
+    """Steady inputs per second of a chain of ``stages``, once per repetition."""
+    window = 2 * stages  # one input computing and one queued at every stage
+    inputs = [item] * (window + settings.count(*INPUTS))
+    lib = busy_library(stages)
+    try:
+        with PipelineModule(lib, window=window) as pipe:
+            time.sleep(SETTLE_S)
+            stream_rate(pipe, inputs[: 2 * window], window, 0)  # warm-up
+            return [stream_rate(pipe, inputs, window, window) for _ in range(settings.reps)]
+    finally:
+        lib.close()
+
+
+def _sleep_ms(ms: float) -> float:
+    start = time.perf_counter()
+    time.sleep(ms / 1e3)
+    return (time.perf_counter() - start) * 1e3
+
+
+def run(settings: Settings, busy_ms: float) -> list[Row]:
+    data = np.zeros(TENSOR_BYTES // 4, dtype=np.float32)
+    item = {"data": data, "busy_ms": np.array([busy_ms], dtype=np.float32)}
+    ideal = 1e3 / busy_ms
+    slept = median([_sleep_ms(busy_ms) for _ in range(SLEEPS)])
+    rows = []
+    for stages in CHAINS:
+        rates = chain_rates(stages, item, settings)
+        rows.append(
+            Row(
+                NAME,
+                f"{stages} stages of {busy_ms:g} ms, 1 MiB between them",
+                "inputs/s",
+                median(rates),
+                ideal,
+                f"ideal 1/T = {ideal:g}/s",
+                target=TARGET,
+                samples={"tvmpipe": rates},
+                note=f"window {2 * stages}; time.sleep({busy_ms:g} ms) takes {slept:.2f} ms here",
+            )
+        )
+    return rows

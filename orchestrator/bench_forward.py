@@ -1,0 +1,43 @@
+"""The raw-ZeroMQ side of the data-plane benchmark: a plain pyzmq forwarder process.
+
+    python bench_forward.py DOWNSTREAM_ADDRESS
+
+It binds a PULL socket on a free loopback port, prints ``ready tcp://127.0.0.1:PORT``, connects
+a PUSH socket to DOWNSTREAM_ADDRESS and passes every multipart message on unchanged and
+without a copy, as a tvmpipe identity stage does, minus tvmpipe. It exits when its standard
+input closes (its parent went away) or on SIGTERM. Run by path, not as part of the package,
+so that it imports nothing but pyzmq.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+
+import zmq
+
+
+def _exit_with_parent() -> None:
+    while os.read(sys.stdin.fileno(), 4096):
+        continue
+    os._exit(0)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(__doc__, file=sys.stderr)
+        return 2
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
+    context = zmq.Context()
+    pull = context.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    push = context.socket(zmq.PUSH)
+    push.connect(argv[0])
+    print(f"ready tcp://127.0.0.1:{port}", flush=True)
+    while True:
+        push.send_multipart(pull.recv_multipart(copy=False), copy=False)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
