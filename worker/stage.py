@@ -277,10 +277,11 @@ class Stage:
             seq, result = item
             for dest in self._destinations:
                 frames = self._frames(seq, dest, result)
-                if not self._send(dest.name, frames):
+                size = sum(len(memoryview(f)) for f in frames)
+                if not self._send(dest.name, frames, size):
                     return
                 with self._lock:
-                    self.stats.bytes_out += sum(len(memoryview(f)) for f in frames)
+                    self.stats.bytes_out += size
             with self._lock:
                 self.stats.sent += 1
 
@@ -293,9 +294,8 @@ class Stage:
                 result = RemoteError.from_exception(self.name, exc)
         return encode(Message.failure(seq, self.name, result))
 
-    def _send(self, name: str, frames: list[Any]) -> bool:
+    def _send(self, name: str, frames: list[Any], size: int) -> bool:
         """Send, waiting while the peer's queue is full; False once the stage is stopping."""
-        size = sum(len(memoryview(f)) for f in frames)
         try:  # the common case: room in the queue, no poll needed
             self._socket(name, size).send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
             return True
