@@ -479,9 +479,6 @@ class PipelineModule:
             except Exception as exc:
                 self._fail(lost.stage.name, f"{reason}; deploying it again failed: {exc}")
                 return
-            with self._cond:
-                if self._losses.empty():
-                    self._paused.clear()
 
     def _redeploy(self, lost: StageSession) -> None:
         """Deploy the lost stage again, rewire its neighbours, send the inputs in flight again."""
@@ -509,7 +506,10 @@ class PipelineModule:
                 pending = sorted(self._copies.items())
             for seq, inputs in pending:
                 if not self._send_now(seq, inputs, resending=True):
-                    return
+                    return  # another stage was lost: its recovery sends them all again
+            with self._cond:  # still holding _send_lock: an input held back meanwhile waits
+                if self._losses.empty():  # for it, then sees the pause over and goes out
+                    self._paused.clear()
 
     def _session_of(self, stage: str) -> StageSession:
         return next(s for s in self._sessions if s.stage.name == stage)
