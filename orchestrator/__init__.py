@@ -5,11 +5,15 @@ repository is written against them.
 """
 
 from tvmpipe.proto.errors import (
+    BackpressureTimeout,
     BuildError,
     ConfigError,
+    DeployError,
     InputError,
     PackageError,
+    ResultTimeoutError,
     StageError,
+    StageLostError,
     TvmpipeError,
 )
 
@@ -20,14 +24,18 @@ from .library import PipelineLibrary, load_library
 from .split import split_module
 
 __all__ = [
+    "BackpressureTimeout",
     "BuildError",
     "ConfigError",
+    "DeployError",
     "InputError",
     "PackageError",
     "PipelineLibrary",
     "PipelineModule",
     "PipelineModuleConfig",
+    "ResultTimeoutError",
     "StageError",
+    "StageLostError",
     "TvmpipeError",
     "build_pipeline",
     "load_library",

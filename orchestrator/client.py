@@ -357,7 +357,12 @@ class PipelineModule:
                 data = json.loads(session.call("tvmpipe.stage.stats"))
             except DeployError as exc:  # lost, and being deployed again or failed
                 data = {"unreachable": str(exc)}
-            data.update(device=session.stage.device, worker=session.peer, address=session.address)
+            data.update(
+                device=session.stage.device,
+                worker=session.peer,
+                address=session.address,
+                pid=session.remote_pid,
+            )
             stages[session.stage.name] = data
         with self._cond:
             client = {

@@ -7,12 +7,15 @@
     ├── ProtocolError (ValueError)       a data-plane message that fails validation
     │   └── VersionMismatchError         controller and worker speak different versions
     ├── DeployError                      a stage could not be placed, uploaded or wired
+    │   ├── TrackerUnreachableError      the RPC tracker did not answer
+    │   └── NoWorkerError                no worker is registered (or free) under a key
     ├── StageError                       a stage raised while processing one input
     └── PipelineError                    misuse of a running pipeline
         ├── PipelineClosedError          the pipeline was closed
         ├── InputError (ValueError)      a wrong input name, dtype or shape
         ├── NothingToRunError            run() with no complete input set queued
         ├── StageLostError               a stage's worker died or became unreachable
+        │   └── ResultTimeoutError       an input's result did not arrive in time
         └── BackpressureTimeout (TimeoutError)  the in-flight window stayed full too long
 
 Lower-level errors (ZeroMQ, OS, TVM's RPCError) are mapped to these where they are caught,
@@ -48,6 +51,14 @@ class VersionMismatchError(ProtocolError):
 
 class DeployError(TvmpipeError):
     """A stage could not be placed on a worker, uploaded, loaded or wired."""
+
+
+class TrackerUnreachableError(DeployError):
+    """The RPC tracker could not be reached (nothing listens there, or it does not answer)."""
+
+
+class NoWorkerError(DeployError):
+    """The tracker has no worker under a key, or none of them became free in time."""
 
 
 class StageError(TvmpipeError):
@@ -91,3 +102,7 @@ class StageLostError(PipelineError):
 
 class BackpressureTimeout(PipelineError, TimeoutError):
     """The window of inputs in flight stayed full for longer than the timeout."""
+
+
+class ResultTimeoutError(StageLostError):
+    """An input's result did not arrive within ``result_timeout``; names where it stopped."""
