@@ -1,27 +1,55 @@
 """tvmpipe's controller side: configure, split, build and package a pipeline, then run it.
 
-The public names here follow the pipeline-executor RFC (see DESIGN.md); code outside this
-repository is written against them.
+The public names here follow the pipeline-executor RFC (see docs/api.md); code outside this
+repository is written against them. They are imported on first use (PEP 562), so that light
+entry points such as ``tvmpipe --help`` (``tvmpipe.orchestrator.cli``) do not import TVM.
 """
 
-from tvmpipe.proto.errors import (
-    BackpressureTimeout,
-    BuildError,
-    ConfigError,
-    DeployError,
-    InputError,
-    PackageError,
-    ResultTimeoutError,
-    StageError,
-    StageLostError,
-    TvmpipeError,
-)
+from __future__ import annotations
 
-from .build import build_pipeline
-from .client import PipelineModule
-from .config import PipelineModuleConfig
-from .library import PipelineLibrary, load_library
-from .split import split_module
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tvmpipe.proto.errors import (
+        BackpressureTimeout,
+        BuildError,
+        ConfigError,
+        DeployError,
+        InputError,
+        PackageError,
+        ResultTimeoutError,
+        StageError,
+        StageLostError,
+        TvmpipeError,
+    )
+
+    from .build import build_pipeline
+    from .client import PipelineModule
+    from .config import PipelineModuleConfig
+    from .library import PipelineLibrary, load_library
+    from .split import split_module
+
+# Each public name and the module that defines it.
+_ERRORS = "tvmpipe.proto.errors"
+_WHERE = {
+    "BackpressureTimeout": _ERRORS,
+    "BuildError": _ERRORS,
+    "ConfigError": _ERRORS,
+    "DeployError": _ERRORS,
+    "InputError": _ERRORS,
+    "PackageError": _ERRORS,
+    "ResultTimeoutError": _ERRORS,
+    "StageError": _ERRORS,
+    "StageLostError": _ERRORS,
+    "TvmpipeError": _ERRORS,
+    "build_pipeline": f"{__name__}.build",
+    "PipelineModule": f"{__name__}.client",
+    "PipelineModuleConfig": f"{__name__}.config",
+    "PipelineLibrary": f"{__name__}.library",
+    "load_library": f"{__name__}.library",
+    "split_module": f"{__name__}.split",
+}
 
 __all__ = [
     "BackpressureTimeout",
@@ -41,3 +69,17 @@ __all__ = [
     "load_library",
     "split_module",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use, then keep it here (PEP 562)."""
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

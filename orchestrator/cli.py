@@ -1,52 +1,126 @@
-"""``tvmpipe``: small command-line helpers around a pipeline package.
+"""``tvmpipe``: command-line helpers around pipeline packages and the project's own checks.
 
 tvmpipe info PIPE_DIR     print a package's stages, targets, devices and graph
 tvmpipe demo [...]        the demo of ``make demo``
 tvmpipe cluster [...]     a loopback tracker and workers, until Ctrl-C
 tvmpipe bench [...]       the benchmarks of ``make bench``: a table and a JSON file
 tvmpipe soak [...]        the soak test of ``make soak``: many inputs, fds and memory flat
+
+This module imports nothing heavy at the top: ``tvmpipe --help`` and ``tvmpipe --version`` must
+answer at once, so each command imports TVM and the rest of tvmpipe only when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
+from importlib import metadata
 
-from .library import load_library
+PROG = "tvmpipe"
+
+# One line each, as ``tvmpipe --help`` lists them.
+COMMANDS = {
+    "info": "print an exported pipeline package: stages, devices, graph",
+    "demo": "run a real network split into stages; check every result",
+    "cluster": "run TVM's tracker and tvmpipe workers on loopback until Ctrl-C",
+    "bench": "measure tvmpipe against its baselines: a table and a JSON file",
+    "soak": "stream many inputs; check that fds and memory stay flat",
+}
 
 
-def _info(path: str) -> int:
+def version_text() -> str:
+    """tvmpipe's version, and apache-tvm's from its metadata (TVM itself is not imported)."""
+    text = f"{PROG} {_installed('tvmpipe') or 'unknown'}"
+    tvm = _installed("apache-tvm")
+    return f"{text} (apache-tvm {tvm})" if tvm else text
+
+
+def _installed(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser: the command list, ``--help`` and ``--version``.
+
+    Each command parses its own options (``tvmpipe COMMAND --help``).
+    """
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="A pipeline executor for Apache TVM: command-line helpers.",
+        epilog=f"Run '{PROG} COMMAND --help' for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=version_text())
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    for name, summary in COMMANDS.items():
+        commands.add_parser(name, help=summary, add_help=False)
+    return parser
+
+
+def info_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"{PROG} info", description=COMMANDS["info"] + ".")
+    parser.add_argument("package", help="a directory written by lib.export_library")
+    return parser
+
+
+def _info_lines(path: str) -> list[str]:
+    from .library import load_library
+
     lib = load_library(path)
-    print(f"pipeline package {path}")
+    lines = [f"pipeline package {path}"]
     for stage in lib.stages:
         target = (stage.target or {}).get("kind", stage.kind) if stage.kind == "relax" else "python"
         triple = (stage.target or {}).get("mtriple", "")
         ins = ", ".join(f"{s.name}: {s.describe()}" for s in stage.inputs)
-        print(f"  {stage.name}: {target} {triple} on {stage.device}, key {stage.rpc_key or '-'}")
-        print(f"    inputs  {ins}")
+        lines.append(
+            f"  {stage.name}: {target} {triple} on {stage.device}, key {stage.rpc_key or '-'}"
+        )
+        lines.append(f"    inputs  {ins}")
         if stage.outputs is not None:
-            print(f"    outputs {', '.join(s.describe() for s in stage.outputs)}")
+            lines.append(f"    outputs {', '.join(s.describe() for s in stage.outputs)}")
     for b in lib.inputs:
-        print(f"  input  {b.name} -> {b.stage}.{b.param} ({b.spec.describe()})")
+        lines.append(f"  input  {b.name} -> {b.stage}.{b.param} ({b.spec.describe()})")
     for e in lib.connections:
-        print(f"  edge   {e.src}.output({e.index}) -> {e.dst}.{e.param}")
+        lines.append(f"  edge   {e.src}.output({e.index}) -> {e.dst}.{e.param}")
     for pos, o in enumerate(lib.outputs):
-        print(f"  output {pos} <- {o.stage}.output({o.index})")
+        lines.append(f"  output {pos} <- {o.stage}.output({o.index})")
+    return lines
+
+
+def _info(path: str) -> int:
+    """Print the package; a damaged or missing one is one line on stderr and exit status 1."""
+    from pathlib import Path
+
+    from tvmpipe.proto.errors import TvmpipeError
+
+    try:
+        lines = _info_lines(path)
+    # A package that load_library accepted can still hold fields of the wrong type.
+    except (TvmpipeError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        if not reason.startswith((path, str(Path(path)))):
+            reason = f"{path}: {reason}"
+        print(f"{PROG} info: {reason}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="tvmpipe", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["info", "demo", "cluster", "bench", "soak"])
-    if not args or args[0] in ("-h", "--help"):
+    parser = build_parser()
+    # Options before the command are tvmpipe's own; everything after it is the command's.
+    at = next((i for i, arg in enumerate(args) if not arg.startswith("-")), len(args))
+    command = parser.parse_args(args[: at + 1]).command  # exits for --help, --version, typos
+    rest = args[at + 1 :]
+    if command is None:
         parser.print_help()
         return 0
-    command, rest = parser.parse_args(args[:1]).command, args[1:]
     if command == "info":
-        info = argparse.ArgumentParser(prog="tvmpipe info")
-        info.add_argument("package", help="a directory written by lib.export_library")
-        return _info(info.parse_args(rest).package)
+        return _info(info_parser().parse_args(rest).package)
     if command == "demo":
         from .demo import main as demo_main
 
@@ -61,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(soak_main(rest) or 0)
     from .localcluster import main as cluster_main
 
-    return int(cluster_main(rest) or 0)
+    return int(cluster_main(rest, prog=f"{PROG} cluster") or 0)
 
 
 if __name__ == "__main__":

@@ -6,23 +6,20 @@ launch order. A receiver thread collects the output stages' messages and joins t
 number. The number of inputs in flight (launched, result not yet handed back) is bounded by
 ``window``; ``run`` waits at most ``timeout`` seconds for room, then raises.
 
-A lost stage fails every input in flight with a StageLostError, unless ``restart=True``: then a
-recovery thread deploys the stage again where the plan puts it, points its upstream stages (or
-this client) at its new address, and sends every input in flight again from the copies kept
-here. Results are joined by sequence number and the first one wins, so every launched input
-still yields exactly one result, in order.
+The parts, one job each: ``Fleet`` places and wires the stages (fleet.py), the ``Sequencer``
+numbers inputs, keeps what is needed to send them again and orders results (sequencer.py),
+``Recovery`` deploys a lost stage again and deals with overdue inputs (recovery.py, where the
+rewire and resend protocol is written down), and this class is the API and the client's own
+sockets around them.
 """
 
 from __future__ import annotations
 
 import collections
-import json
-import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +28,6 @@ import zmq
 
 from tvmpipe.proto.errors import (
     BackpressureTimeout,
-    DeployError,
     InputError,
     NothingToRunError,
     PipelineClosedError,
@@ -40,27 +36,23 @@ from tvmpipe.proto.errors import (
 )
 from tvmpipe.proto.messages import (
     MAX_FRAME_BYTES,
+    MAX_HEADER_BYTES,
     Message,
     MsgType,
     decode,
     encode,
-    encode_blob,
 )
 
-from .cluster import Placement, load_cluster, plan_from_arguments
-from .deploy import (
-    LocalWorker,
-    PlainServerError,
-    StageSession,
-    connect_server,
-    request_from_tracker,
-    start_local_workers,
-)
+from .cluster import load_cluster, plan_from_arguments
+from .deploy import REQUEST_TIMEOUT_S
+from .fleet import Fleet
 from .health import StageMonitor
-from .library import PipelineLibrary, StageInfo, load_library
-from .wiring import Wiring
+from .library import PipelineLibrary, load_library
+from .recovery import Recovery
+from .sequencer import InFlight, Sequencer
+from .signature import TensorSpec
+from .wiring import CLIENT, Wiring
 
-CLIENT = "client"
 POLL_MS = 50
 HWM = 64
 LINGER_MS = 1000
@@ -78,9 +70,12 @@ class PipelineModule:
     mode. ``client_host`` is the address the last stages send results to (this machine as the
     workers see it); ``bind_host`` is where this process listens (default: ``client_host``).
 
-    ``restart=True`` deploys a lost stage again (at most ``max_restarts`` times) and sends the
-    inputs in flight again; it keeps a copy of every input until its result arrives.
-    ``queue_bytes`` bounds what each stage buffers.
+    ``deploy_timeout`` bounds placing each stage. ``restart=True`` deploys a lost stage again
+    (at most ``max_restarts`` times) and sends the inputs in flight again; it keeps a copy of
+    every input until its result arrives. An input whose result has not come ``result_timeout``
+    seconds (default: ``timeout``) after it was sent, while no other result came either, is
+    sent again (``restart=True``) or fails with ResultTimeoutError. ``queue_bytes`` bounds what
+    each stage buffers; ``window`` bounds the inputs in flight and those queued by set_input.
     """
 
     def __init__(
@@ -97,6 +92,8 @@ class PipelineModule:
         restart: bool = False,
         max_restarts: int = MAX_RESTARTS,
         queue_bytes: int = QUEUE_BYTES,
+        deploy_timeout: float = REQUEST_TIMEOUT_S,
+        result_timeout: float | None = None,
     ):
         if sum(x is not None for x in (servers, tracker, cluster)) > 1:
             raise ValueError("give at most one of servers, tracker and cluster")
@@ -104,133 +101,63 @@ class PipelineModule:
             raise ValueError(f"window must be at least 1, got {window}")
         if queue_bytes < 1 << 16:
             raise ValueError(f"queue_bytes must be at least 64 KiB, got {queue_bytes}")
+        if deploy_timeout <= 0 or (result_timeout is not None and result_timeout <= 0):
+            raise ValueError("deploy_timeout and result_timeout must be positive")
         self.lib = lib if isinstance(lib, PipelineLibrary) else load_library(lib)
         if cluster is not None:
             plan = load_cluster(cluster, self.lib)
         else:
             plan = plan_from_arguments(self.lib, servers, tracker)
         client_host = client_host or plan.client_host or "127.0.0.1"
-        bind_host = bind_host or plan.bind_host
+        bind_host = bind_host or plan.bind_host or client_host
         self.window = window
         self.timeout = timeout
+        self.result_timeout = result_timeout or timeout
+        self.queue_bytes = queue_bytes
         self.wiring = Wiring(self.lib)
-        self._plan = plan
-        self._restart = restart
-        self._restarts_left = max_restarts
-        self._queue_bytes = queue_bytes
         self._closed = False
-        self._local_workers: list[LocalWorker] = []
-        self._worker_of: dict[str, LocalWorker] = {}  # "stage" or "stage relay" -> its worker
-        self._sessions: list[StageSession] = []
-        self._context = zmq.Context()
-        self._pushes: dict[str, zmq.Socket[Any]] = {}
-        self._send_lock = threading.Lock()
-        self._cond = threading.Condition()
+        self._lost: StageLostError | None = None
+        self._cond = threading.Condition()  # guards the sequencer, the queues and the pause
+        self._send_lock = threading.Lock()  # guards the input sockets; taken before _cond
+        self._sequencer = Sequencer(window, keep_copies=restart)
+        self._paused = False  # a stage is being deployed again: hold inputs back
         self._queues: dict[str, collections.deque[np.ndarray]] = {
             name: collections.deque() for name in self.lib.input_names()
         }
-        self._next_seq = 0
-        self._launched: collections.deque[int] = collections.deque()  # by run(), not returned
-        self._results: dict[int, list[np.ndarray] | Exception] = {}
-        self._futures: dict[int, Future[list[np.ndarray]]] = {}
-        self._in_flight = 0
+        self._queued_bytes = 0
         self._partial: dict[int, dict[str, Message]] = {}
         self._counters = collections.Counter[str]()
         self._stopping = threading.Event()
-        self._receiver: threading.Thread | None = None
-        self._monitor: StageMonitor | None = None
-        self._lost: StageLostError | None = None
-        self._lost_sessions: set[StageSession] = set()  # not asked to stop: they may hang
-        self._copies: dict[int, dict[str, np.ndarray]] = {}  # restart=True: inputs in flight
-        self._params_set: dict[str, dict[str, np.ndarray]] = {}  # replayed on a new deployment
-        self._losses: queue.Queue[tuple[StageSession, str]] = queue.Queue()
-        self._paused = threading.Event()  # a stage is being deployed again: hold inputs back
-        self._recovery: threading.Thread | None = None
+        self._context = zmq.Context()
+        self._pushes: dict[str, zmq.Socket[Any]] = {}
         self._pull = self._context.socket(zmq.PULL)
-        self._pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        limit = self.wiring.output_frame_limit()
+        self._pull.setsockopt(
+            zmq.MAXMSGSIZE, max(MAX_HEADER_BYTES, limit) if limit else MAX_FRAME_BYTES
+        )
         self._pull.setsockopt(zmq.RCVHWM, HWM)
         self._pull.setsockopt(zmq.LINGER, 0)
-        self._client_host = client_host
-        self._bind_host = bind_host or client_host
-        port = self._pull.bind_to_random_port(f"tcp://{self._bind_host}")
+        port = self._pull.bind_to_random_port(f"tcp://{bind_host}")
         self.address = f"tcp://{client_host}:{port}"
+        self._fleet = Fleet(self.lib, plan, self.wiring, bind_host, client_host, deploy_timeout)
+        self._monitor: StageMonitor | None = None
+        self._recovery: Recovery | None = None
+        self._receiver: threading.Thread | None = None
         try:
-            self._deploy()
+            self._fleet.deploy(self.address, queue_bytes, epoch=0)
+            for name in self.wiring.input_stages():
+                self._pushes[name] = self._input_socket(self._fleet.addresses[name][CLIENT])
+            self._monitor = StageMonitor(list(self._fleet.sessions.values()), self._stage_lost)
+            self._recovery = Recovery(self, self._fleet, self._monitor, restart, max_restarts)
+            self._receiver = threading.Thread(
+                target=self._receive_loop, name="tvmpipe-client-receive", daemon=True
+            )
+            self._monitor.start()
+            self._recovery.start()
+            self._receiver.start()
         except BaseException:
             self.close()
             raise
-
-    # ----- deployment
-    def _deploy(self) -> None:
-        local = [s.name for s in self.lib.stages if self._plan.placements[s.name] == Placement()]
-        if local:  # started together: each takes a second or so to import TVM
-            self._local_workers = start_local_workers(len(local), self._bind_host)
-            self._worker_of = dict(zip(local, self._local_workers, strict=True))
-        for stage in self.lib.stages:
-            self._sessions.append(self._place(stage))  # closed by close() if a later step fails
-        for session in self._sessions:
-            session.call("tvmpipe.stage.start", self._start_message(session.stage.name))
-        for stage_name in self.wiring.input_stages():
-            self._pushes[stage_name] = self._input_socket(self._session_of(stage_name).address)
-        self._monitor = StageMonitor(self._sessions, self._stage_lost)
-        self._monitor.start()
-        self._receiver = threading.Thread(
-            target=self._receive_loop, name="tvmpipe-client-receive", daemon=True
-        )
-        self._receiver.start()
-
-    def _place(self, stage: StageInfo) -> StageSession:
-        """A session for ``stage`` where the plan puts it, with the stage loaded and weighted."""
-        place = self._plan.placements[stage.name]
-        stage = replace(stage, **place.options)
-        relay: dict[str, Any] | None = None
-        if place.server is not None:
-            host, _, port = place.server.rpartition(":")
-            session = connect_server(stage, place.server)
-            relay = {"host": host, "port": port}
-        elif place.key is not None:
-            assert self._plan.tracker is not None
-            session = request_from_tracker(stage, self._plan.tracker, place.key)
-            relay = {"tracker": list(self._plan.tracker), "key": place.key}
-        else:
-            worker = self._local_worker(stage.name)
-            session = connect_server(stage, f"{worker.host}:{worker.port}")
-        try:
-            try:
-                session.handshake()
-            except PlainServerError:
-                if relay is None:
-                    raise
-                session.close()  # frees the plain server for the relay's own session
-                session = self._relay_session(stage)
-            else:
-                relay = None
-            session.upload_and_load(self.lib, relay)
-            params = {**self.lib.initial_params(stage), **self._params_set.get(stage.name, {})}
-            if params:
-                session.call("tvmpipe.stage.set_params", _blob(params))
-        except BaseException:
-            session.close()
-            raise
-        return session
-
-    def _local_worker(self, key: str, extra_args: Sequence[str] = ()) -> LocalWorker:
-        """The loopback worker for ``key``; a new one if there is none or it died."""
-        worker = self._worker_of.get(key)
-        if worker is not None and worker.process.poll() is None:
-            return worker
-        if worker is not None:
-            worker.stop()
-            self._local_workers.remove(worker)
-        worker = LocalWorker(self._bind_host, extra_args)
-        self._local_workers.append(worker)
-        worker.wait_ready()
-        self._worker_of[key] = worker
-        return worker
-
-    def _start_message(self, stage: str) -> str:
-        addresses = {s.stage.name: s.address for s in self._sessions}
-        return self.wiring.start_message(stage, addresses, self.address, self._queue_bytes)
 
     def _input_socket(self, address: str) -> zmq.Socket[Any]:
         push = self._context.socket(zmq.PUSH)
@@ -243,13 +170,25 @@ class PipelineModule:
     def set_input(self, name: str, value: Any, copy: bool = True) -> None:
         """Queue one value for pipeline input ``name``; refused at once if it cannot fit.
 
+        At most ``window`` values, and ``queue_bytes`` (or one value, if larger), wait per
+        input for ``run()``: past that, set_input raises BackpressureTimeout.
         ``copy=False``: the pipeline borrows ``value`` (if it is a C-contiguous array of the
         right dtype) instead of copying it; do not write to it until its result has arrived.
         """
         self._check_open()
         array = self.lib.check_input(name, value, copy)
         with self._cond:
-            self._queues[name].append(array)
+            waiting = self._queues[name]
+            if len(waiting) >= self.window or (
+                waiting and self._queued_bytes + array.nbytes > self.queue_bytes
+            ):
+                raise BackpressureTimeout(
+                    f"input {name!r} already has {len(waiting)} values queued "
+                    f"({self._queued_bytes} bytes over all inputs; the bounds are window="
+                    f"{self.window} values and queue_bytes={self.queue_bytes}): call run()"
+                )
+            waiting.append(array)
+            self._queued_bytes += array.nbytes
 
     def run(self) -> None:
         """Launch the oldest complete input set; returns without waiting for its result."""
@@ -259,7 +198,8 @@ class PipelineModule:
             self._wait_for_room()  # a refused run leaves the set queued
             self._check_complete_set()
             inputs = {name: q.popleft() for name, q in self._queues.items()}
-            seq = self._number(None)
+            self._queued_bytes -= sum(a.nbytes for a in inputs.values())
+            seq = self._sequencer.launch(inputs, None, time.monotonic())
         self._send(seq, inputs)
 
     def _check_complete_set(self) -> None:
@@ -271,17 +211,14 @@ class PipelineModule:
         """The next result in launch order; ``[]`` if it is not ready (after ``timeout`` s)."""
         self._check_open()
         with self._cond:
-            if not self._launched:
+            if self._sequencer.waiting_for_run() is None:
                 return []
-            seq = self._launched[0]
-            if timeout and seq not in self._results:
-                self._cond.wait_for(lambda: seq in self._results or self._closed, timeout)
+            if timeout and not self._sequencer.result_ready():
+                self._cond.wait_for(lambda: self._sequencer.result_ready() or self._closed, timeout)
                 self._check_open()
-            if seq not in self._results:
+            result = self._sequencer.next_result()
+            if result is None:
                 return []
-            self._launched.popleft()
-            result = self._results.pop(seq)
-            self._in_flight -= 1
             self._cond.notify_all()
         if isinstance(result, Exception):
             raise result
@@ -303,7 +240,7 @@ class PipelineModule:
         future.set_running_or_notify_cancel()
         with self._cond:
             self._wait_for_room()
-            seq = self._number(future)
+            seq = self._sequencer.launch(arrays, future, time.monotonic())
         self._send(seq, arrays)
         return future
 
@@ -345,32 +282,20 @@ class PipelineModule:
                     f"{array.dtype}{list(array.shape)}"
                 )
             arrays[name] = array
-        self._session_of(stage.name).call("tvmpipe.stage.set_params", _blob(arrays))
-        self._params_set.setdefault(stage.name, {}).update(arrays)
+        self._fleet.set_params(stage.name, arrays)
 
     def stats(self) -> dict[str, Any]:
         """Per-stage counters from the workers, and the client's own."""
         self._check_open()
-        stages = {}
-        for session in list(self._sessions):
-            try:
-                data = json.loads(session.call("tvmpipe.stage.stats"))
-            except DeployError as exc:  # lost, and being deployed again or failed
-                data = {"unreachable": str(exc)}
-            data.update(
-                device=session.stage.device,
-                worker=session.peer,
-                address=session.address,
-                pid=session.remote_pid,
-            )
-            stages[session.stage.name] = data
+        stages = self._fleet.stats()
+        recovery = self._recovery
         with self._cond:
             client = {
-                "launched": self._next_seq,
-                "in_flight": self._in_flight,
+                **self._sequencer.snapshot(),
                 "queued_inputs": {n: len(q) for n, q in self._queues.items()},
-                "waiting_results": len(self._results),
-                "restarts_left": self._restarts_left if self._restart else 0,
+                "queued_bytes": self._queued_bytes,
+                "restarts": recovery.restarts if recovery else 0,
+                "restarts_left": recovery.restarts_left if recovery and recovery.restart else 0,
                 **self._counters,
             }
         return {"stages": stages, "client": client}
@@ -389,21 +314,18 @@ class PipelineModule:
         if self._receiver is not None:
             self._receiver.join(5)
         if self._recovery is not None:
-            self._recovery.join(5)
-        for session in self._sessions:
-            session.close(stop=session not in self._lost_sessions)
-        self._sessions = []
-        for push in self._pushes.values():
-            push.close(linger=0)
+            self._recovery.stop()
+        self._fleet.close()
+        with self._send_lock:
+            for push in self._pushes.values():
+                push.close(linger=0)
         self._pull.close(linger=0)
         self._context.term()
-        for worker in self._local_workers:
-            worker.stop()
-        self._local_workers = []
-        for future in self._futures.values():
+        with self._cond:
+            futures = self._sequencer.fail_all(PipelineClosedError("the pipeline was closed"))
+        for future in futures:
             if not future.done():
                 future.set_exception(PipelineClosedError("the pipeline was closed"))
-        self._futures.clear()
 
     def __enter__(self) -> PipelineModule:
         return self
@@ -411,14 +333,7 @@ class PipelineModule:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # ----- internals
-    def _relay_session(self, stage: StageInfo) -> StageSession:
-        """A local stage process that drives a plain TVM RPC server for this stage."""
-        worker = self._local_worker(f"{stage.name} relay", ["--custom-addr", self._client_host])
-        session = connect_server(stage, f"{worker.host}:{worker.port}")
-        session.handshake()
-        return session
-
+    # ----- checks
     def _check_open(self) -> None:
         if self._closed:
             raise PipelineClosedError("this PipelineModule is closed; create a new one")
@@ -429,131 +344,32 @@ class PipelineModule:
         if self._lost is not None:
             raise self._lost
 
-    def _stage_lost(self, session: StageSession, reason: str) -> None:
-        """The monitor lost a session: deploy the stage again if asked to, else fail."""
-        with self._cond:
-            if self._lost is not None or self._closed:
-                session.abort()  # a call stuck on it would hold close() for minutes
-                self._lost_sessions.add(session)
-                return
-            if self._restart and self._restarts_left > 0:
-                self._restarts_left -= 1
-                self._paused.set()
-                self._losses.put((session, reason))
-                if self._recovery is None:
-                    self._recovery = threading.Thread(
-                        target=self._recovery_loop, name="tvmpipe-client-recovery", daemon=True
-                    )
-                    self._recovery.start()
-                return
-            if self._restart:
-                reason += "; it was deployed again as often as max_restarts allows"
-        self._fail(session.stage.name, reason)
-
-    def _fail(self, stage: str, reason: str) -> None:
-        """Fail every input in flight, and refuse new ones: they cannot complete."""
-        error = StageLostError(stage, f"stage {stage!r} is lost: {reason}")
-        with self._cond:
-            if self._lost is not None or self._closed:
-                return
-            self._lost = error
-            for session in self._sessions:
-                if session.stage.name == stage:
-                    session.abort()
-                    self._lost_sessions.add(session)
-            for seq in self._launched:
-                self._results.setdefault(seq, error)
-            futures = list(self._futures.values())
-            self._futures.clear()
-            self._in_flight -= len(futures)
-            self._copies.clear()
-            self._paused.clear()
-            self._cond.notify_all()
-        for future in futures:
-            future.set_exception(error)
-
-    # ----- recovery (restart=True)
-    def _recovery_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                lost, reason = self._losses.get(timeout=POLL_MS / 1000)
-            except queue.Empty:
-                continue
-            try:
-                self._redeploy(lost)
-            except Exception as exc:
-                self._fail(lost.stage.name, f"{reason}; deploying it again failed: {exc}")
-                return
-
-    def _redeploy(self, lost: StageSession) -> None:
-        """Deploy the lost stage again, rewire its neighbours, send the inputs in flight again."""
-        name = lost.stage.name
-        lost.abort()
-        lost.close(stop=False)
-        session = self._place(self.lib.stage(name))
-        with self._send_lock:
-            with self._cond:
-                if self._closed:
-                    session.close()
-                    return
-                self._sessions = [session if s is lost else s for s in self._sessions]
-            session.call("tvmpipe.stage.start", self._start_message(name))
-            rewire = json.dumps({"name": name, "address": session.address})
-            for upstream in self.wiring.upstream_stages(name):
-                self._session_of(upstream).call("tvmpipe.stage.rewire", rewire)
-            if name in self._pushes:
-                self._pushes.pop(name).close(linger=0)
-                self._pushes[name] = self._input_socket(session.address)
-            assert self._monitor is not None
-            self._monitor.watch(session)
-            self._counters["restarts"] += 1
-            with self._cond:
-                pending = sorted(self._copies.items())
-            for seq, inputs in pending:
-                if not self._send_now(seq, inputs, resending=True):
-                    return  # another stage was lost: its recovery sends them all again
-            with self._cond:  # still holding _send_lock: an input held back meanwhile waits
-                if self._losses.empty():  # for it, then sees the pause over and goes out
-                    self._paused.clear()
-
-    def _session_of(self, stage: str) -> StageSession:
-        return next(s for s in self._sessions if s.stage.name == stage)
-
     def _wait_for_room(self) -> None:
         """Wait (holding ``_cond``) until the window has room; raise after ``timeout``."""
         if not self._cond.wait_for(
-            lambda: self._in_flight < self.window or self._closed or self._lost, self.timeout
+            lambda: self._sequencer.has_room() or self._closed or self._lost, self.timeout
         ):
             raise BackpressureTimeout(
-                f"{self._in_flight} inputs are in flight (window {self.window}) and none "
-                f"finished within {self.timeout:.1f} s; call get_output() or raise the window"
+                f"{self._sequencer.in_flight} inputs are in flight (window {self.window}) and "
+                f"none finished within {self.timeout:.1f} s; call get_output() or raise the window"
             )
         self._check_usable()
 
-    def _number(self, future: Future[list[np.ndarray]] | None) -> int:
-        """Give the next input its sequence number (holding ``_cond``)."""
-        seq = self._next_seq
-        self._next_seq += 1
-        self._in_flight += 1
-        if future is None:
-            self._launched.append(seq)
-        else:
-            self._futures[seq] = future
-        return seq
-
+    # ----- sending
     def _send(self, seq: int, inputs: dict[str, np.ndarray]) -> None:
-        if self._restart:
-            with self._cond:
-                self._copies[seq] = inputs
+        """Send one input set, unless a redeployment holds it back (the resend sends it)."""
         with self._send_lock:
-            if not self._paused.is_set():  # else the recovery sends it with the others
-                self._send_now(seq, inputs)
+            with self._cond:
+                if self._paused or not self._sequencer.take_send(seq, time.monotonic()):
+                    return
+                epoch = self._sequencer.epoch
+            self._send_now(seq, epoch, inputs)
 
-    def _send_now(self, seq: int, inputs: dict[str, np.ndarray], resending: bool = False) -> bool:
-        """Send one input set (holding ``_send_lock``); False if a stage was lost meanwhile."""
+    def _send_now(self, seq: int, epoch: int, inputs: dict[str, np.ndarray]) -> bool:
+        """Send (holding ``_send_lock``); False if a stage was lost meanwhile."""
         deadline = time.monotonic() + self.timeout
         for stage, tensors in self.wiring.client_messages(inputs):
-            frames = encode(Message.data(seq, CLIENT, tensors))
+            frames = encode(Message.data(seq, CLIENT, tensors, epoch))
             push = self._pushes[stage]
             try:  # the common case: room in the queue, no poll needed
                 push.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
@@ -562,12 +378,8 @@ class PipelineModule:
             except zmq.Again:
                 pass
             while not push.poll(POLL_MS, zmq.POLLOUT):
-                if (
-                    self._closed
-                    or self._lost
-                    or (not self._losses.empty() if resending else self._paused.is_set())
-                ):
-                    return False
+                if self._closed or self._lost or self._paused:
+                    return False  # a lost stage: recovery sends it again, or it failed
                 if time.monotonic() > deadline:
                     error = BackpressureTimeout(
                         f"stage {stage!r} accepted no input for {self.timeout:.1f} s; input "
@@ -579,6 +391,70 @@ class PipelineModule:
             self._counters["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
         return True
 
+    # ----- hooks for Recovery (recovery.py)
+    def current_epoch(self) -> int:
+        with self._cond:
+            return self._sequencer.epoch
+
+    def replace_input_socket(self, stage: str, address: str) -> None:
+        with self._send_lock:
+            self._pushes.pop(stage).close(linger=0)
+            self._pushes[stage] = self._input_socket(address)
+
+    def resend_all(self, end_pause: bool) -> None:
+        """Open a new epoch and send every input in flight again; maybe end the pause."""
+        with self._send_lock:
+            with self._cond:
+                if self._closed or self._lost:
+                    return
+                pending = self._sequencer.resend_all(time.monotonic())
+                epoch = self._sequencer.epoch
+            for seq, inputs in pending:
+                if not self._send_now(seq, epoch, inputs):
+                    return  # another stage was lost: its recovery sends them all again
+            with self._cond:  # still holding _send_lock: an input held back meanwhile waits
+                if end_pause and self._recovery and not self._recovery.pending_losses():
+                    self._paused = False
+
+    def overdue(self) -> list[InFlight]:
+        with self._cond:
+            if self._paused:
+                return []
+            return self._sequencer.overdue(time.monotonic(), self.result_timeout)
+
+    def fail_stage(self, stage: str, reason: str) -> None:
+        """Fail every input in flight, and refuse new ones: they cannot complete."""
+        error = StageLostError(stage, f"stage {stage!r} is lost: {reason}")
+        with self._cond:
+            if self._lost is not None or self._closed:
+                return
+            self._lost = error
+            self._paused = False
+            futures = self._sequencer.fail_all(error)
+            self._cond.notify_all()
+        for future in futures:
+            future.set_exception(error)
+
+    def fail_input(self, seq: int, error: Exception) -> None:
+        with self._cond:
+            future = self._sequencer.fail(seq, error, time.monotonic())
+            self._cond.notify_all()
+        if future is not None:
+            future.set_exception(error)
+
+    def _stage_lost(self, session: Any, reason: str) -> None:
+        """From the monitor: deploy the stage again if asked to (pausing sends), else fail."""
+        assert self._recovery is not None
+        with self._cond:
+            if self._lost is not None or self._closed:
+                session.abort()  # a call stuck on it would hold close() for minutes
+                self._fleet.lost.append(session)
+                return
+            if self._recovery.will_restart():
+                self._paused = True
+        self._recovery.stage_lost(session, reason)
+
+    # ----- receiving
     def _receive_loop(self) -> None:
         self._pull.setsockopt(zmq.RCVTIMEO, POLL_MS)  # so that the loop sees _stopping
         senders = self.wiring.output_stages()
@@ -597,40 +473,40 @@ class PipelineModule:
                 self._counters["dropped"] += 1
                 continue
             parts = self._partial.setdefault(msg.seq, {})
+            if msg.sender in parts:
+                self._counters["dropped"] += 1
+                continue
             parts[msg.sender] = msg
             if len(parts) == len(senders):
                 del self._partial[msg.seq]
-                try:
-                    result = self.wiring.assemble_outputs(msg.seq, parts)
-                except KeyError:
-                    self._counters["dropped"] += 1
+                result = self.wiring.assemble_outputs(msg.seq, parts)
+                if isinstance(result, list) and not self._matches_signature(result):
+                    self._counters["bad_results"] += 1
                     continue
                 self._deliver(msg.seq, result)
+            elif len(self._partial) > self.window:
+                self._partial = {s: p for s, p in self._partial.items() if self._expects(s)}
+
+    def _matches_signature(self, outputs: list[np.ndarray]) -> bool:
+        """Each output has the dtype and shape its stage declares (where they are known)."""
+        for array, out in zip(outputs, self.lib.outputs, strict=True):
+            specs = self.lib.stage(out.stage).outputs
+            got = TensorSpec("", str(array.dtype), tuple(array.shape))
+            if specs is not None and not specs[out.index].compatible(got):
+                return False
+        return True
 
     def _expects(self, seq: int) -> bool:
-        """Launched here and not yet answered: anything else is a stray message."""
+        """Launched here and not yet answered: anything else is a stray or a duplicate."""
         with self._cond:
-            if seq in self._futures:
-                return True
-            return seq not in self._results and seq in self._launched
+            return self._sequencer.expects(seq)
 
     def _deliver(self, seq: int, result: list[np.ndarray] | Exception) -> None:
         with self._cond:
-            self._copies.pop(seq, None)
-            future = self._futures.pop(seq, None)
-            if future is None:
-                self._results[seq] = result
-            else:
-                self._in_flight -= 1
-            self._counters["completed"] += 1
+            _, future = self._sequencer.accept(seq, result, time.monotonic())
             self._cond.notify_all()
         if future is not None:
             if isinstance(result, Exception):
                 future.set_exception(result)
             else:
                 future.set_result(result)
-
-
-def _blob(arrays: Mapping[str, np.ndarray]) -> bytearray:
-    tensors = {name: np.ascontiguousarray(value) for name, value in arrays.items()}
-    return bytearray(encode_blob(Message.data(0, CLIENT, tensors)))

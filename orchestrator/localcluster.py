@@ -413,17 +413,33 @@ class LocalCluster:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run a loopback cluster until Ctrl-C or SIGTERM; print where to reach it."""
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Run a loopback cluster until Ctrl-C or SIGTERM; print where to reach it.
+
+    ``prog`` is the name its help and errors give it (``tvmpipe cluster`` from the CLI).
+    """
     parser = argparse.ArgumentParser(
-        prog="python -m tvmpipe.orchestrator.localcluster",
+        prog=prog or "python -m tvmpipe.orchestrator.localcluster",
         description="Start TVM's RPC tracker and N tvmpipe workers on loopback, until Ctrl-C.",
     )
     parser.add_argument("--workers", type=int, default=3, help="number of workers (default 3)")
-    parser.add_argument("--key", default="local", help="tracker key of the workers")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    parser.add_argument("--timeout", type=float, default=START_TIMEOUT_S, help="start-up limit, s")
+    parser.add_argument("--key", default="local", help="tracker key of the workers (default local)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default loopback)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=START_TIMEOUT_S,
+        help=f"seconds to wait for start-up (default {START_TIMEOUT_S:g})",
+    )
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    if not args.key or any(c.isspace() for c in args.key):
+        parser.error(f"--key must be a non-empty word, got {args.key!r}")
+    if args.timeout <= 0:
+        parser.error(f"--timeout must be positive, got {args.timeout:g}")
 
     stop = threading.Event()
 

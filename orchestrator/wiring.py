@@ -18,6 +18,7 @@ from tvmpipe.proto.errors import StageError
 from tvmpipe.proto.messages import Message, MsgType
 
 from .library import PipelineLibrary
+from .signature import TensorSpec
 
 CLIENT = "client"
 
@@ -40,14 +41,14 @@ class Wiring:
         return sorted(found)
 
     def destinations(
-        self, stage: str, addresses: Mapping[str, str], client: str
+        self, stage: str, addresses: Mapping[str, Mapping[str, str]], client: str
     ) -> list[dict[str, Any]]:
         by_dst: dict[str, list[tuple[int, str]]] = {}
         for edge in self.lib.connections:
             if edge.src == stage:
                 by_dst.setdefault(edge.dst, []).append((edge.index, edge.param))
         dests = [
-            {"name": dst, "address": addresses[dst], "tensors": tensors}
+            {"name": dst, "address": addresses[dst][stage], "tensors": tensors}
             for dst, tensors in by_dst.items()
         ]
         outputs = [
@@ -61,14 +62,51 @@ class Wiring:
         """The stages that send to ``stage`` (the client aside)."""
         return [s for s in self.senders(stage) if s != CLIENT]
 
+    def start_order(self) -> list[str]:
+        """Stages in the order to start them: each after every stage it sends to.
+
+        A stage binds its receive sockets when it starts, so its senders learn their addresses
+        only afterwards."""
+        return [s.name for s in reversed(self.lib.stages)]
+
+    def max_frames(self, stage: str) -> dict[str, int]:
+        """For each sender of ``stage``, the largest tensor it may send (0: not known)."""
+        info = self.lib.stage(stage)
+        limits: dict[str, int] = {}
+        for sender in self.senders(stage):
+            if sender == CLIENT:
+                params = [b.param for b in self.lib.inputs if b.stage == stage]
+            else:
+                params = [
+                    e.param for e in self.lib.connections if e.src == sender and e.dst == stage
+                ]
+            sizes = [_nbytes(next(s for s in info.inputs if s.name == p)) for p in params]
+            limits[sender] = 0 if 0 in sizes else max(sizes, default=0)
+        return limits
+
+    def output_frame_limit(self) -> int:
+        """The largest pipeline output tensor (0: not known), for the client's socket."""
+        sizes = []
+        for out in self.lib.outputs:
+            specs = self.lib.stage(out.stage).outputs
+            sizes.append(0 if specs is None else _nbytes(specs[out.index]))
+        return 0 if 0 in sizes else max(sizes, default=0)
+
     def start_message(
-        self, stage: str, addresses: Mapping[str, str], client: str, queue_bytes: int
+        self,
+        stage: str,
+        addresses: Mapping[str, Mapping[str, str]],
+        client: str,
+        queue_bytes: int,
+        epoch: int,
     ) -> str:
+        """What ``tvmpipe.stage.start`` takes; ``addresses[dst][stage]`` is where to send."""
         return json.dumps(
             {
-                "senders": self.senders(stage),
+                "senders": self.max_frames(stage),
                 "destinations": self.destinations(stage, addresses, client),
                 "queue_bytes": queue_bytes,
+                "epoch": epoch,
             }
         )
 
@@ -91,3 +129,17 @@ class Wiring:
         for part in parts.values():
             tensors.update(part.tensors)
         return [tensors[str(pos)] for pos in range(len(self.lib.outputs))]
+
+
+def _nbytes(spec: TensorSpec) -> int:
+    """A tensor's size from its spec; 0 when its dtype or a dimension is not known."""
+    if spec.dtype is None or spec.shape is None or any(d is None for d in spec.shape):
+        return 0
+    try:
+        itemsize = np.dtype(spec.dtype).itemsize
+    except TypeError:  # a dtype numpy does not know (bfloat16, ...)
+        return 0
+    count = 1
+    for dim in spec.shape:
+        count *= int(dim or 0)
+    return max(1, count * itemsize)

@@ -13,6 +13,9 @@ Header fields, all required, no others allowed::
                      VersionMismatchError (checked first, so a newer peer is named as such)
     "t"        int   the MsgType below
     "seq"      int   sequence number of the pipeline input, 0 <= seq < 2**63
+    "ep"       int   epoch, 0 <= ep < 2**32: the client opens a new one each time it sends
+                     its inputs in flight again (after a stage was deployed again); a
+                     receiver drops messages of an epoch older than the newest it has seen
     "from"     str   the sending stage's name, or "client"; at most MAX_NAME_LEN characters
     "tensors"  list  one [name, dtype.str, [dim, ...]] per tensor, in frame order; names are
                      unique non-empty strings of at most MAX_NAME_LEN characters, dtype.str is
@@ -71,6 +74,7 @@ MAX_NDIM = 32
 MAX_DIM = 2**40  # exclusive bound on each dimension
 MAX_NAME_LEN = 256  # characters, for tensor, stage and sender names
 MAX_SEQ = 2**63  # exclusive bound on seq
+MAX_EPOCH = 2**32  # exclusive bound on ep
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSOR_BYTES = 2**34
 # The largest single ZeroMQ frame a receiver must accept: set it as zmq.MAXMSGSIZE.
@@ -97,7 +101,9 @@ class MsgType(enum.IntEnum):
 
 _TYPES = {t.value: t for t in MsgType}
 _FIELDS = {
-    t: frozenset({"v", "t", "seq", "from", "tensors"} | ({"err"} if t is MsgType.ERROR else set()))
+    t: frozenset(
+        {"v", "t", "seq", "ep", "from", "tensors"} | ({"err"} if t is MsgType.ERROR else set())
+    )
     for t in MsgType
 }
 # Dtype strings already parsed: at most a few thousand can pass _DTYPE_RE, so it stays small.
@@ -144,14 +150,17 @@ class Message:
     sender: str = ""
     tensors: dict[str, numpy.ndarray] = field(default_factory=dict)
     error: RemoteError | None = None
+    epoch: int = 0
 
     @classmethod
-    def data(cls, seq: int, sender: str, tensors: dict[str, numpy.ndarray]) -> Message:
-        return cls(MsgType.DATA, seq, sender, dict(tensors))
+    def data(
+        cls, seq: int, sender: str, tensors: dict[str, numpy.ndarray], epoch: int = 0
+    ) -> Message:
+        return cls(MsgType.DATA, seq, sender, dict(tensors), epoch=epoch)
 
     @classmethod
-    def failure(cls, seq: int, sender: str, error: RemoteError) -> Message:
-        return cls(MsgType.ERROR, seq, sender, error=error)
+    def failure(cls, seq: int, sender: str, error: RemoteError, epoch: int = 0) -> Message:
+        return cls(MsgType.ERROR, seq, sender, error=error, epoch=epoch)
 
     @classmethod
     def stop(cls, sender: str) -> Message:
@@ -169,6 +178,7 @@ def encode(msg: Message) -> list[bytes | memoryview]:
     Raises ProtocolError for anything decode() would refuse, so mistakes surface at the sender.
     """
     _check_seq(msg.seq)
+    _check_epoch(msg.epoch)
     _check_name("sender", msg.sender)
     if not isinstance(msg.type, MsgType):
         raise ProtocolError(f"message type must be a MsgType, got {msg.type!r}")
@@ -206,6 +216,7 @@ def encode(msg: Message) -> list[bytes | memoryview]:
         "v": PROTOCOL_VERSION,
         "t": int(msg.type),
         "seq": msg.seq,
+        "ep": msg.epoch,
         "from": msg.sender,
         "tensors": specs,
     }
@@ -249,8 +260,9 @@ def decode(frames: Sequence[object]) -> Message:
         missing = sorted(expected - set(header))
         extra = sorted(map(repr, set(header) - expected))
         raise ProtocolError(f"{kind.name} header fields wrong: missing {missing}, extra {extra}")
-    seq, sender = header["seq"], header["from"]
+    seq, epoch, sender = header["seq"], header["ep"], header["from"]
     _check_seq(seq)
+    _check_epoch(epoch)
     _check_name("sender", sender)
 
     specs = header["tensors"]
@@ -291,7 +303,7 @@ def decode(frames: Sequence[object]) -> Message:
             raise ProtocolError(f"tensor {name!r} cannot be built: {exc}") from exc
 
     error = _parse_error(header["err"]) if kind is MsgType.ERROR else None
-    return Message(kind, seq, sender, tensors, error)
+    return Message(kind, seq, sender, tensors, error, epoch)
 
 
 def encode_blob(msg: Message) -> bytes:
@@ -515,6 +527,11 @@ def _parse_error(err: object) -> RemoteError:
 def _check_seq(seq: object) -> None:
     if type(seq) is not int or not 0 <= seq < MAX_SEQ:
         raise ProtocolError(f"seq must be an int in [0, 2**63), got {seq!r:.40}")
+
+
+def _check_epoch(epoch: object) -> None:
+    if type(epoch) is not int or not 0 <= epoch < MAX_EPOCH:
+        raise ProtocolError(f"ep must be an int in [0, 2**32), got {epoch!r:.40}")
 
 
 def _check_name(what: str, name: object) -> None:

@@ -2,6 +2,6 @@
 
 PACKAGE_VERSION = "0.1.0"
 # Bump when a header field, a message type or the meaning of one changes.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 # Bump when pipeline.json changes shape.
 PACKAGE_SCHEMA_VERSION = 1

@@ -1,9 +1,13 @@
 """``tvmpipe-worker`` / ``python -m tvmpipe.worker``: a TVM RPC server that runs pipeline stages.
 
-It takes the flags of ``python -m tvm.exec.rpc_server``. Once listening it prints one line,
-``tvmpipe-worker ready HOST:PORT``, which is how a parent that asked for ``--port 0`` learns the
-port. With ``--exit-with-parent`` it exits when its standard input closes, which happens when
-the process that started it goes away, however it went.
+It takes the flags of ``python -m tvm.exec.rpc_server``. ``--port N`` listens on exactly port N
+(``--port-end M`` makes it the first free one in [N, M)); ``--port 0`` takes any free port; with
+neither it takes the first free one in [9091, 9199), as TVM's server does. Once listening it
+prints one line, ``tvmpipe-worker ready HOST:PORT``, which is how a parent that asked for
+``--port 0`` learns the port. With ``--exit-with-parent`` it exits when its standard input
+closes, which happens when the process that started it goes away, however it went.
+
+TVM is imported only once the flags are read, so ``tvmpipe-worker --help`` answers at once.
 """
 
 from __future__ import annotations
@@ -18,14 +22,32 @@ import threading
 
 import psutil
 
-from .server import run_server
+DEFAULT_PORT = 9091
+DEFAULT_PORT_END = 9199  # without --port and --port-end: the first free port in [9091, 9199)
+EPHEMERAL_RANGE = 100  # --port 0: a free port the OS gave out, and the next ones if it is taken
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tvmpipe-worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="tvmpipe-worker",
+        description="A TVM RPC server that runs tvmpipe's pipeline stages; it takes the flags "
+        "of python -m tvm.exec.rpc_server and prints 'tvmpipe-worker ready HOST:PORT' once "
+        "it listens.",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    parser.add_argument("--port", type=int, default=9091, help="first port to try; 0 for any free")
-    parser.add_argument("--port-end", type=int, default=9199, help="end of the port range to try")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"port to listen on; 0 for any free port (default: the first free one in "
+        f"[{DEFAULT_PORT}, {DEFAULT_PORT_END}))",
+    )
+    parser.add_argument(
+        "--port-end",
+        type=int,
+        default=None,
+        help="listen on the first free port in [PORT, PORT_END) instead of exactly PORT",
+    )
     parser.add_argument("--tracker", help="RPC tracker to register with, as HOST:PORT")
     parser.add_argument("--key", default="", help="key to register under at the tracker")
     parser.add_argument(
@@ -40,7 +62,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tracker and not args.key:
         parser.error("--tracker needs --key: the key stages ask the tracker for")
+    if args.tracker:
+        host, _, port = args.tracker.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            parser.error(f"--tracker must be HOST:PORT, got {args.tracker!r}")
+    if args.port is not None and not 0 <= args.port < 65536:
+        parser.error(f"--port must be in [0, 65536), got {args.port}")
+    if args.port_end is not None:
+        if args.port == 0:
+            parser.error("--port-end needs a --port other than 0 (0 takes any free port)")
+        start = DEFAULT_PORT if args.port is None else args.port
+        if not start < args.port_end <= 65536:
+            parser.error(f"--port-end must be in ({start}, 65536], got {args.port_end}")
     return args
+
+
+def port_range(args: argparse.Namespace) -> tuple[int, int]:
+    """The ports to try, [first, end): see the module docstring."""
+    if args.port is None:
+        return DEFAULT_PORT, args.port_end or DEFAULT_PORT_END
+    if args.port == 0:
+        port = _free_port(args.host)
+        return port, min(port + EPHEMERAL_RANGE, 65536)
+    return args.port, args.port_end or args.port + 1
 
 
 def _free_port(host: str) -> int:
@@ -73,7 +117,7 @@ def _watch_stdin() -> None:
     _shutdown()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.silent:
         logging.getLogger("RPCServer").setLevel(logging.ERROR)
@@ -81,19 +125,26 @@ def main(argv: list[str] | None = None) -> None:
     if args.tracker:
         host, _, port = args.tracker.rpartition(":")
         tracker = (host, int(port))
-    port, port_end = args.port, args.port_end
-    if port == 0:
-        port = _free_port(args.host)
-        port_end = port + 100
+    port, port_end = port_range(args)
     signal.signal(signal.SIGTERM, _shutdown)
     signal.signal(signal.SIGINT, _shutdown)
     if args.exit_with_parent:
         threading.Thread(target=_watch_stdin, name="tvmpipe-parent-watch", daemon=True).start()
-    state = run_server(args.host, port, port_end, tracker, args.key, args.custom_addr, args.silent)
+    from .server import run_server  # imports TVM
+
+    try:
+        state = run_server(
+            args.host, port, port_end, tracker, args.key, args.custom_addr, args.silent
+        )
+    except (OSError, ValueError) as exc:  # TVM raises ValueError when every port is taken
+        ports = f"port {port}" if port_end == port + 1 else f"ports [{port}, {port_end})"
+        print(f"tvmpipe-worker: cannot listen on {args.host}, {ports}: {exc}", file=sys.stderr)
+        return 1
     print(f"tvmpipe-worker ready {args.host}:{state.port}", flush=True)
     while state.thread.is_alive():
         state.thread.join(0.5)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

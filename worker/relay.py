@@ -65,7 +65,7 @@ class RelayRunner:
         with self._lock:
             self._params = {**self._params, **remote}
 
-    def __call__(self, inputs: Mapping[str, Any]) -> list[np.ndarray]:
+    def __call__(self, inputs: Mapping[str, Any], owned: bool = False) -> list[np.ndarray]:
         with self._lock:
             params = self._params
         args = [

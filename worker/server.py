@@ -5,9 +5,12 @@ the server starts, so every session process has them; a plain TVM client still s
 ordinary RPC server. The controller, through the session, uploads a stage artifact and calls:
 
     tvmpipe.handshake(json) -> json          versions and devices, checked by both sides
-    tvmpipe.stage.load(json) -> json         load the artifact on its device, bind the PULL socket
-    tvmpipe.stage.start(json)                connect to the next stages and start the loops
-    tvmpipe.stage.rewire(json)               a next stage was deployed again: send to its address
+    tvmpipe.stage.load(json) -> json         load the artifact on its device
+    tvmpipe.stage.start(json) -> json        bind one data socket per sender (their addresses are
+                                             the reply), connect to the next stages, start
+    tvmpipe.stage.rewire(json)               a next stage was deployed again: send to its address;
+                                             returns once the send thread has switched
+    tvmpipe.stage.locate(int) -> json        where input #seq is: waiting for parts, sent, unseen
     tvmpipe.stage.set_params(bytes)          replace parameter-group weights (a proto blob)
     tvmpipe.stage.stats() -> json            counters, queue depths, service times
     tvmpipe.stage.stop()                     stop the loops and close the sockets
@@ -114,10 +117,10 @@ def _serve(spec: dict[str, Any], runner: Runner) -> str:
         spec["name"],
         runner,
         WorkerState.bind_host,
+        WorkerState.advertise_host,
         on_compute_start=lambda: pin_current_thread(affinity, threads),
     )
-    address = f"tcp://{WorkerState.advertise_host}:{WorkerState.stage.port}"
-    return json.dumps({"address": address, "pid": os.getpid()})
+    return json.dumps({"address": f"tcp://{WorkerState.advertise_host}", "pid": os.getpid()})
 
 
 def _current() -> Stage:
@@ -126,19 +129,26 @@ def _current() -> Stage:
     return WorkerState.stage
 
 
-def _start(wiring_json: str) -> None:
+def _start(wiring_json: str) -> str:
     wiring = json.loads(wiring_json)
     destinations = [
         Destination(d["name"], d["address"], tuple((int(i), str(n)) for i, n in d["tensors"]))
         for d in wiring["destinations"]
     ]
+    senders = {str(name): int(limit) for name, limit in wiring["senders"].items()}
     queue_bytes = int(wiring.get("queue_bytes", QUEUE_BYTES))
-    _current().start(list(wiring["senders"]), destinations, queue_bytes)
+    epoch = int(wiring.get("epoch", 0))
+    addresses = _current().start(senders, destinations, queue_bytes, epoch)
+    return json.dumps({"addresses": addresses})
 
 
 def _rewire(request_json: str) -> None:
     request = json.loads(request_json)
     _current().rewire(str(request["name"]), str(request["address"]))
+
+
+def _locate(seq: int) -> str:
+    return json.dumps(_current().locate(int(seq)))
 
 
 def _set_params(blob: bytearray) -> None:
@@ -162,6 +172,7 @@ def register_functions() -> None:
         ("tvmpipe.stage.load", _load),
         ("tvmpipe.stage.start", _start),
         ("tvmpipe.stage.rewire", _rewire),
+        ("tvmpipe.stage.locate", _locate),
         ("tvmpipe.stage.set_params", _set_params),
         ("tvmpipe.stage.stats", _stats),
         ("tvmpipe.stage.stop", _stop),

@@ -1,6 +1,6 @@
 """A running stage: receive, join by sequence number, compute, send; two threads overlapped.
 
-    compute   PULL --decode--> join parts of seq k from every expected sender
+    compute   one PULL socket per sender --decode--> JoinTable (parts of seq k from every sender)
               --> runner(inputs) --> send queue (or a RemoteError for seq k)
     sender    send queue --> one message per destination (next stages, or the client)
 
@@ -8,16 +8,21 @@ Receiving in the compute thread saves a thread hand-off per input (about 40 us o
 CPU in CPython); ZeroMQ's I/O thread already reads ahead while the stage computes. Sending
 stays in its own thread, so that encoding and sending overlap the next computation.
 
-Every sender delivers exactly one message (data or error) per sequence number to each of its
-destinations, so a stage knows when an input set is complete, and an error travels along the
-same edges as data would have, reaching the client once per output stage. ZeroMQ sockets are
-each used by one thread only.
+Every sender delivers exactly one message (data or error) per sequence number and epoch to each
+of its destinations, so a stage knows when an input set is complete, and an error travels along
+the same edges as data would have, reaching the client once per output stage. ZeroMQ sockets
+are each used by one thread only. A message's sender is the socket it came in on: each sender
+has its own, and a message whose ``from`` names another is dropped.
 
-Everything a stage buffers is bounded in bytes (``queue_bytes``): the send queue holds at most
-half, and each outgoing socket's high-water mark is set, when its first message shows how big
-messages on that edge are, to hold at most the other half. The data socket buffers at most
-``RCV_HWM`` messages per sender. When the stage falls behind, it stops reading and TCP pushes
-back on the producers.
+Everything a stage holds is bounded by ``queue_bytes``, in four quarters: the receive sockets
+(each sender's high-water mark, in messages of the largest size it may send), the partial input
+sets (held back, never evicted: see joins.py), the send queue, and the outgoing sockets (their
+high-water marks are set when the first message shows how big messages on that edge are). Each
+receive socket refuses any frame larger than what its sender may send (ZeroMQ's MAXMSGSIZE).
+
+``rewire`` returns only once the send thread has switched to the new address; messages still
+queued for the old one are dropped with its socket. They were sent before the client sends
+every input in flight again, in a new epoch (see orchestrator/recovery.py).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -35,6 +40,7 @@ import zmq
 from tvmpipe.proto.errors import ProtocolError
 from tvmpipe.proto.messages import (
     MAX_FRAME_BYTES,
+    MAX_HEADER_BYTES,
     Message,
     MsgType,
     RemoteError,
@@ -42,17 +48,18 @@ from tvmpipe.proto.messages import (
     encode,
 )
 
+from .joins import JoinTable
 from .queues import ByteQueue
 from .runner import Runner
 
 POLL_MS = 50
 QUEUE_DEPTH = 4  # outputs waiting to be sent
-QUEUE_BYTES = 64 << 20  # all that a stage buffers, send queue and sockets
-HWM = 16  # the most ZeroMQ messages an outgoing socket buffers, however small
-RCV_HWM = 2  # messages buffered per sender on the data socket
+QUEUE_BYTES = 64 << 20  # all that a stage buffers: sockets, partial sets and send queue
+HWM = 16  # the most ZeroMQ messages a socket buffers, however small
 LINGER_MS = 1000
 SAMPLES = 4096  # service times kept for the mean and p99
-MAX_PENDING_JOINS = 1024  # partial input sets kept while waiting for their other senders
+SENT_KEPT = 4096  # sequence numbers remembered as sent, for locate()
+REWIRE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -95,62 +102,77 @@ class StageStats:
 
 
 class Stage:
-    """One stage's data plane around a StageRunner; ``start`` after ``bind``, ``stop`` always."""
+    """One stage's data plane around a Runner; ``start`` binds and runs, ``stop`` always."""
 
     def __init__(
         self,
         name: str,
         runner: Runner,
         bind_host: str,
+        advertise_host: str = "",
         on_compute_start: Callable[[], dict[str, Any]] | None = None,
     ):
         self.name = name
         self.runner = runner
+        self._bind_host = bind_host
+        self._advertise_host = advertise_host or bind_host
         self._on_compute_start = on_compute_start
         self.placement: dict[str, Any] = {}  # cores and threads, as the compute thread sees them
         self.stats = StageStats()
         self._context = zmq.Context()
-        self._pull = self._context.socket(zmq.PULL)
-        self._pull.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        self._pull.setsockopt(zmq.RCVHWM, RCV_HWM)
-        self._pull.setsockopt(zmq.LINGER, 0)
-        self.port = self._pull.bind_to_random_port(f"tcp://{bind_host}")
+        self._pulls: dict[str, zmq.Socket[Any]] = {}  # sender name -> its own data socket
         self._destinations: list[Destination] = []
         self._pushes: dict[str, zmq.Socket[Any]] = {}  # made by the send loop, on first use
-        self._rewires: dict[str, str] = {}  # destination name -> its new address
-        self._senders: frozenset[str] = frozenset()
-        self._socket_bytes = QUEUE_BYTES // 2
-        self._send_queue: ByteQueue[tuple[int, Any]] = ByteQueue(QUEUE_DEPTH, QUEUE_BYTES // 2)
+        self._rewires: dict[str, tuple[str, threading.Event]] = {}  # name -> new address
+        self._socket_bytes = QUEUE_BYTES // 4
+        self._send_queue: ByteQueue[tuple[int, int, Any]] = ByteQueue(QUEUE_DEPTH, QUEUE_BYTES)
+        self._joins = JoinTable(frozenset({"client"}), QUEUE_BYTES)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._pending: dict[int, dict[str, Message]] = {}
+        self._sent: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def start(
         self,
-        senders: list[str],
+        senders: Mapping[str, int],
         destinations: list[Destination],
         queue_bytes: int = QUEUE_BYTES,
-    ) -> None:
-        """Start the loops; ``senders`` feed this stage, which buffers at most ``queue_bytes``."""
+        epoch: int = 0,
+    ) -> dict[str, str]:
+        """Bind one socket per sender and start the loops; returns each sender's address.
+
+        ``senders`` maps each sender to the largest frame it may send (0: unknown); the stage
+        buffers at most ``queue_bytes`` and starts in ``epoch``.
+        """
         if self._threads:
             raise RuntimeError(f"stage {self.name!r} is already running")
-        if queue_bytes < 2:
-            raise ValueError(f"queue_bytes must be at least 2, got {queue_bytes}")
-        self._senders = frozenset(senders)
+        if not senders:
+            raise ValueError(f"stage {self.name!r} has no senders")
+        if queue_bytes < 4:
+            raise ValueError(f"queue_bytes must be at least 4, got {queue_bytes}")
+        quarter = queue_bytes // 4
+        addresses = {}
+        for sender, max_frame in senders.items():
+            limit = max(MAX_HEADER_BYTES, max_frame) if max_frame > 0 else MAX_FRAME_BYTES
+            pull = self._context.socket(zmq.PULL)
+            pull.setsockopt(zmq.MAXMSGSIZE, limit)
+            per_sender = quarter // len(senders)
+            pull.setsockopt(zmq.RCVHWM, max(1, min(HWM, per_sender // max(1, max_frame))))
+            pull.setsockopt(zmq.LINGER, 0)
+            port = pull.bind_to_random_port(f"tcp://{self._bind_host}")
+            self._pulls[sender] = pull
+            addresses[sender] = f"tcp://{self._advertise_host}:{port}"
         self._destinations = list(destinations)
-        self._socket_bytes = queue_bytes // 2
-        self._send_queue = ByteQueue(QUEUE_DEPTH, queue_bytes // 2)
-        self._pull.setsockopt(zmq.RCVTIMEO, POLL_MS)  # so that the compute loop sees stop()
-        for target, label in (
-            (self._compute_loop, "compute"),
-            (self._send_loop, "send"),
-        ):
+        self._socket_bytes = quarter
+        self._send_queue = ByteQueue(QUEUE_DEPTH, quarter)
+        self._joins = JoinTable(frozenset(senders), quarter, epoch)
+        for target, label in ((self._compute_loop, "compute"), (self._send_loop, "send")):
             thread = threading.Thread(
                 target=target, name=f"tvmpipe-{self.name}-{label}", daemon=True
             )
             thread.start()
             self._threads.append(thread)
+        return addresses
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the loops, then close the sockets with a bounded linger and the context."""
@@ -158,81 +180,110 @@ class Stage:
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        self._pull.close(linger=0)
+        with self._lock:
+            for _, done in self._rewires.values():
+                done.set()
+        for pull in self._pulls.values():
+            pull.close(linger=0)
         for push in self._pushes.values():
             push.close(linger=LINGER_MS)
         self._context.term()
 
-    def rewire(self, name: str, address: str) -> None:
+    def rewire(self, name: str, address: str, timeout: float = REWIRE_TIMEOUT_S) -> None:
         """Send to destination ``name`` at ``address`` from now on (it was deployed again).
 
-        Messages still buffered for the old address are dropped: the client sends every input
-        that was in flight again.
+        Returns once the send thread has switched; what was queued for the old address is
+        dropped with its socket (the client sends every input in flight again afterwards).
         """
         if name not in {d.name for d in self._destinations}:
             raise ValueError(f"stage {self.name!r} sends nothing to {name!r}")
+        done = threading.Event()
         with self._lock:
-            self._rewires[name] = address
+            self._rewires[name] = (address, done)
+        if not done.wait(timeout):
+            raise TimeoutError(f"stage {self.name!r} did not switch to {address} in {timeout} s")
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             summary = self.stats.summary()
-            summary["pending_joins"] = len(self._pending)
+            summary["pending_joins"] = len(self._joins)
+            summary["held_bytes"] = self._joins.held_bytes
+            summary["epoch"] = self._joins.epoch
+            summary["stale"] = self._joins.counters.stale
+            summary["duplicates"] = self._joins.counters.duplicates
         summary.update(self.placement)
         summary["send_queue"] = self._send_queue.qsize()
         summary["queued_bytes"] = self._send_queue.nbytes()
         return summary
 
-    # ----- the two loops
-    def _receive(self) -> tuple[int, Any] | None:
+    def locate(self, seq: int) -> dict[str, Any]:
+        """Where input ``seq`` is in this stage: waiting for parts, sent, or never seen."""
+        with self._lock:
+            waiting = self._joins.waiting_for(seq)
+            if waiting is not None:
+                return {"state": "waiting", "for": waiting}
+            if seq in self._sent:
+                return {"state": "sent"}
+        return {"state": "unseen"}
+
+    # ----- the compute loop
+    def _receive(self) -> tuple[int, int, Any] | None:
         """The next complete input set, or None after ``POLL_MS`` without one."""
-        try:
-            frames = self._pull.recv_multipart(copy=False)
-        except zmq.Again:
-            return None
+        with self._lock:
+            readable = self._joins.readable()
+        if len(self._pulls) == 1:  # one sender: no poller, and no poll when a message waits
+            sender, pull = next(iter(self._pulls.items()))
+            try:
+                frames = pull.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                if not pull.poll(POLL_MS, zmq.POLLIN):
+                    return None
+                frames = pull.recv_multipart(copy=False)
+        else:
+            poller = zmq.Poller()
+            for name in readable:
+                poller.register(self._pulls[name], zmq.POLLIN)
+            ready = dict(poller.poll(POLL_MS))
+            if not ready:
+                return None
+            sender = next(n for n in readable if self._pulls[n] in ready)
+            frames = self._pulls[sender].recv_multipart(copy=False)
         size = sum(len(f.buffer) for f in frames)
         try:
             msg = decode(frames)
-            self._check_sender(msg)
+            if msg.sender != sender:
+                raise ProtocolError(f"a message from {msg.sender!r} on {sender!r}'s socket")
         except ProtocolError:
             with self._lock:
                 self.stats.dropped += 1
             return None
+        del frames
         with self._lock:
             self.stats.bytes_in += size
-        if msg.type is MsgType.STOP:
-            return None
-        return self._join(msg)
-
-    def _check_sender(self, msg: Message) -> None:
-        if msg.type is not MsgType.STOP and msg.sender not in self._senders:
-            raise ProtocolError(f"stage {self.name!r} expects no messages from {msg.sender!r}")
-
-    def _join(self, msg: Message) -> tuple[int, Any] | None:
-        """Add one sender's part of seq; return the input set once every sender delivered."""
-        with self._lock:
-            parts = self._pending.setdefault(msg.seq, {})
-            if msg.sender in parts:
-                self.stats.dropped += 1  # a duplicate: keep the first
+            if msg.type is MsgType.STOP:
                 return None
-            parts[msg.sender] = msg
-            if len(parts) < len(self._senders):
-                if len(self._pending) > MAX_PENDING_JOINS:  # evict the longest waiting
-                    del self._pending[next(iter(self._pending))]
-                    self.stats.dropped += 1
+            parts = self._joins.offer(msg, size)
+            if parts is None:
                 return None
-            del self._pending[msg.seq]
+        del msg
+        return self._assemble(parts)
+
+    def _assemble(self, parts: dict[str, Message]) -> tuple[int, int, Any] | None:
+        """An input set's tensors by name, or the first error one of its parts carried."""
+        first = next(iter(parts.values()))
+        seq, epoch = first.seq, first.epoch
         errors = [m.error for m in parts.values() if m.type is MsgType.ERROR]
         inputs: dict[str, Any] = {}
         for part in parts.values():
             inputs.update(part.tensors)
+        parts.clear()  # the runner holds the only references to the received tensors
         expected = set(self.runner.input_names) - self.runner.param_names
         with self._lock:
             if not errors and set(inputs) != expected:
                 self.stats.dropped += 1  # not an input set of this stage
                 return None
             self.stats.received += 1
-        return (msg.seq, errors[0]) if errors else (msg.seq, inputs)
+        return (seq, epoch, errors[0]) if errors else (seq, epoch, inputs)
 
     def _compute_loop(self) -> None:
         if self._on_compute_start is not None:
@@ -241,16 +292,18 @@ class Stage:
             item = self._receive()
             if item is None:
                 continue
-            seq, payload = item
+            seq, epoch, payload = item
+            del item
             if isinstance(payload, RemoteError):
-                self._put(self._send_queue, (seq, payload), 0)
+                self._put((seq, epoch, payload), 0)
                 continue
             started = time.perf_counter()
             try:
-                result: Any = self.runner(payload)
+                result: Any = self.runner(payload, owned=True)
                 self._check_outputs(result)
             except Exception as exc:
                 result = RemoteError.from_exception(self.name, exc)
+            del payload
             elapsed = time.perf_counter() - started
             with self._lock:
                 self.stats.service_times.append(elapsed)
@@ -258,7 +311,7 @@ class Stage:
                     self.stats.failed += 1
                 else:
                     self.stats.processed += 1
-            self._put(self._send_queue, (seq, result), _nbytes(result))
+            self._put((seq, epoch, result), _nbytes(result))
 
     def _check_outputs(self, outputs: list[np.ndarray]) -> None:
         wanted = max((i for dest in self._destinations for i, _ in dest.tensors), default=-1)
@@ -268,31 +321,40 @@ class Stage:
                 f"is connected"
             )
 
+    # ----- the send loop
     def _send_loop(self) -> None:
         while not self._stopping.is_set():
             self._apply_rewires()
-            item = self._get(self._send_queue)
+            item = self._send_queue.get(timeout=POLL_MS / 1000)
             if item is None:
                 continue
-            seq, result = item
+            seq, epoch, result = item
+            del item
+            if epoch < self._joins.epoch:
+                continue  # stale: every receiver drops it, and the input is on its way again
             for dest in self._destinations:
-                frames = self._frames(seq, dest, result)
+                frames = self._frames(seq, epoch, dest, result)
                 size = sum(len(memoryview(f)) for f in frames)
                 if not self._send(dest.name, frames, size):
                     return
                 with self._lock:
                     self.stats.bytes_out += size
+            del result
             with self._lock:
                 self.stats.sent += 1
+                self._sent[seq] = None
+                if len(self._sent) > SENT_KEPT:
+                    self._sent.popitem(last=False)
 
-    def _frames(self, seq: int, dest: Destination, result: Any) -> list[Any]:
+    def _frames(self, seq: int, epoch: int, dest: Destination, result: Any) -> list[Any]:
         """The message for one destination; an output that cannot travel fails this input."""
         if not isinstance(result, RemoteError):
             try:
-                return encode(Message.data(seq, self.name, {n: result[i] for i, n in dest.tensors}))
+                tensors = {n: result[i] for i, n in dest.tensors}
+                return encode(Message.data(seq, self.name, tensors, epoch))
             except ProtocolError as exc:
                 result = RemoteError.from_exception(self.name, exc)
-        return encode(Message.failure(seq, self.name, result))
+        return encode(Message.failure(seq, self.name, result, epoch))
 
     def _send(self, name: str, frames: list[Any], size: int) -> bool:
         """Send, waiting while the peer's queue is full; False once the stage is stopping."""
@@ -314,8 +376,9 @@ class Stage:
         push = self._pushes.get(name)
         if push is None:
             dest = next(d for d in self._destinations if d.name == name)
+            per_dest = self._socket_bytes // max(1, len(self._destinations))
             push = self._context.socket(zmq.PUSH)
-            push.setsockopt(zmq.SNDHWM, max(1, min(HWM, self._socket_bytes // message_bytes)))
+            push.setsockopt(zmq.SNDHWM, max(1, min(HWM, per_dest // max(1, message_bytes))))
             push.setsockopt(zmq.LINGER, LINGER_MS)
             push.connect(dest.address)
             self._pushes[name] = push
@@ -323,24 +386,24 @@ class Stage:
 
     def _apply_rewires(self) -> None:
         """In the send thread, which owns the sockets: reconnect moved destinations."""
+        if not self._rewires:
+            return
         with self._lock:
             rewires, self._rewires = self._rewires, {}
-        for name, address in rewires.items():
+        for name, (address, done) in rewires.items():
             old = self._pushes.pop(name, None)
             if old is not None:
                 old.close(linger=0)
             self._destinations = [
                 replace(d, address=address) if d.name == name else d for d in self._destinations
             ]
+            done.set()
 
-    # ----- bounded queues that give way to stop()
-    def _put(self, q: ByteQueue[Any], item: Any, nbytes: int) -> None:
+    def _put(self, item: tuple[int, int, Any], nbytes: int) -> None:
+        """Queue an output for the send thread, waiting for room (gives way to stop())."""
         while not self._stopping.is_set():
-            if q.put(item, nbytes, timeout=POLL_MS / 1000):
+            if self._send_queue.put(item, nbytes, timeout=POLL_MS / 1000):
                 return
-
-    def _get(self, q: ByteQueue[Any]) -> Any:
-        return q.get(timeout=POLL_MS / 1000)
 
 
 def _nbytes(result: Any) -> int:

@@ -52,10 +52,10 @@ def test_killed_worker_fails_waiting_calls_within_three_seconds(
         for name, value in inputs(9).items():
             pipe.set_input(name, value)
         pipe.run()
-        session = pipe._sessions[1]
+        session = pipe._fleet.stage_sessions()[1]
         assert session.remote_pid is not None
         victim_pid = (
-            pipe._local_workers[1].process.pid if victim == "worker" else session.remote_pid
+            pipe._fleet.local_workers[1].process.pid if victim == "worker" else session.remote_pid
         )
         os.kill(victim_pid, signal.SIGKILL)
         killed = time.monotonic()

@@ -82,7 +82,7 @@ def test_stage_on_a_plain_tvm_server_runs_in_relay_mode(
     servers = [tvmpipe_workers[0], plain_server, tvmpipe_workers[1]]  # mod2 on the plain server
     with PipelineModule(rfc_lib, servers=servers) as pipe:
         # The relay is a local stage process; the board itself is the plain server.
-        relay = pipe._sessions[1]
+        relay = pipe._fleet.stage_sessions()[1]
         assert relay.peer != plain_server
         assert relay.address.startswith("tcp://127.0.0.1:")
         outputs = list(pipe.map({"data_0": a, "data_1": b, "data_2": c} for a, b, c in sets))

@@ -364,7 +364,7 @@ def test_explicit_servers_serve_one_pipeline_after_another(
             # no local worker: only the three hand-started ones are children of this process
             assert sorted(p.pid for p in psutil.Process().children()) == sorted(worker_pids)
             # stage k runs in a session process of worker k
-            for session, pid in zip(pipe._sessions, worker_pids, strict=True):
+            for session, pid in zip(pipe._fleet.stage_sessions(), worker_pids, strict=True):
                 assert session.remote_pid is not None
                 assert psutil.Process(session.remote_pid).ppid() == pid, round_
             for inputs in sets:
@@ -421,7 +421,7 @@ def test_tracker_keys(
         on_b = {w.pid for w in worker_factory(1, tracker=tracker, key=KEY_B)}
         sets = rfc_sets(9, 10)
         with PipelineModule(lib, tracker=tracker) as pipe:
-            parents = [psutil.Process(s.remote_pid or 0).ppid() for s in pipe._sessions]
+            parents = [psutil.Process(s.remote_pid or 0).ppid() for s in pipe._fleet.stage_sessions()]
             assert parents[0] in on_a
             assert parents[1] in on_b
             assert parents[2] in on_a
@@ -595,8 +595,8 @@ def test_set_params_of_a_parameter_group(weighted_lib: PipelineLibrary) -> None:
 def test_close_leaves_nothing_and_refuses_reuse(rfc_lib: PipelineLibrary) -> None:
     (inputs,) = rfc_sets(13, 1)
     with PipelineModule(rfc_lib) as pipe:
-        workers = [w.process.pid for w in pipe._local_workers]
-        sessions = [s.remote_pid for s in pipe._sessions]
+        workers = [w.process.pid for w in pipe._fleet.local_workers]
+        sessions = [s.remote_pid for s in pipe._fleet.stage_sessions()]
         assert len(workers) == 3 and all(sessions)
         set_all(pipe, inputs)
         pipe.run()
@@ -621,7 +621,7 @@ def test_close_leaves_nothing_and_refuses_reuse(rfc_lib: PipelineLibrary) -> Non
 
 def test_close_with_work_in_flight(slow_lib: PipelineLibrary) -> None:
     pipe = PipelineModule(slow_lib)
-    pids = [w.process.pid for w in pipe._local_workers]
+    pids = [w.process.pid for w in pipe._fleet.local_workers]
     future = pipe.submit({"seconds": np.array([0.5], dtype="float32")})
     pipe.set_input("seconds", np.array([0.5], dtype="float32"))
     pipe.run()
@@ -659,8 +659,8 @@ import json, sys, time
 from tvmpipe.orchestrator import PipelineModule
 pipe = PipelineModule(sys.argv[1])
 print(json.dumps({
-    "workers": [w.process.pid for w in pipe._local_workers],
-    "sessions": [s.remote_pid for s in pipe._sessions],
+    "workers": [w.process.pid for w in pipe._fleet.local_workers],
+    "sessions": [s.remote_pid for s in pipe._fleet.stage_sessions()],
 }), flush=True)
 time.sleep(600)
 """

@@ -100,10 +100,10 @@ def test_thousand_inputs_survive_random_kills(lib: PipelineLibrary) -> None:
             try:
                 for done in range(victims):
                     time.sleep(chooser.uniform(0.1, 0.6))
-                    session = chooser.choice(pipe._sessions)
+                    session = chooser.choice(pipe._fleet.stage_sessions())
                     name = session.stage.name
                     if chooser.random() < 0.5:
-                        pid, what = pipe._worker_of[name].process.pid, "worker"
+                        pid, what = pipe._fleet.worker_of[name].process.pid, "worker"
                     else:
                         assert session.remote_pid is not None
                         pid, what = session.remote_pid, "session"
@@ -142,14 +142,14 @@ def test_restart_on_the_same_server(lib: PipelineLibrary, worker_factory: Worker
     sets = input_sets(100, seed=6)
     with PipelineModule(lib, servers=[w.address for w in workers], restart=True) as pipe:
         futures = [pipe.submit(inputs) for inputs in sets[:50]]
-        victim = pipe._sessions[1]
+        victim = pipe._fleet.stage_sessions()[1]
         assert victim.remote_pid is not None
         os.kill(victim.remote_pid, signal.SIGKILL)
         futures += [pipe.submit(inputs) for inputs in sets[50:]]
         for inputs, future in zip(sets, futures, strict=True):
             np.testing.assert_allclose(future.result(RESTART_LIMIT_S)[0], expected(inputs))
-        assert pipe._sessions[1] is not victim
-        assert pipe._sessions[1].peer == workers[1].address
+        assert pipe._fleet.stage_sessions()[1] is not victim
+        assert pipe._fleet.stage_sessions()[1].peer == workers[1].address
         assert pipe.stats()["client"]["restarts"] == 1
 
 
@@ -161,17 +161,17 @@ def test_restart_from_the_tracker_by_key(
     spare = worker_factory(1, tracker=tracker, key="cpu")[0]
     sets = input_sets(60, seed=8)
     with PipelineModule(keyed_lib, tracker=tracker, restart=True) as pipe:
-        used = {s.remote_pid for s in pipe._sessions}
+        used = {s.remote_pid for s in pipe._fleet.stage_sessions()}
         futures = [pipe.submit(inputs) for inputs in sets[:30]]
-        victim = pipe._sessions[2]
+        victim = pipe._fleet.stage_sessions()[2]
         assert victim.remote_pid is not None
         owner = psutil.Process(victim.remote_pid).ppid()  # the worker that forked the session
         os.kill(owner, signal.SIGKILL)
         futures += [pipe.submit(inputs) for inputs in sets[30:]]
         for inputs, future in zip(sets, futures, strict=True):
             np.testing.assert_allclose(future.result(RESTART_LIMIT_S)[0], expected(inputs))
-        assert pipe._sessions[2].rpc_address == spare.address
-        assert pipe._sessions[2].remote_pid not in used
+        assert pipe._fleet.stage_sessions()[2].rpc_address == spare.address
+        assert pipe._fleet.stage_sessions()[2].remote_pid not in used
 
 
 def test_set_params_survive_a_restart() -> None:
@@ -190,7 +190,7 @@ def test_set_params_survive_a_restart() -> None:
         with PipelineModule(weighted, restart=True) as pipe:
             np.testing.assert_allclose(pipe.submit({"data_0": x}).result(10)[0], x * w0 + 1)
             pipe.set_params("g", {"w": w1})
-            session = pipe._sessions[0]
+            session = pipe._fleet.stage_sessions()[0]
             assert session.remote_pid is not None
             os.kill(session.remote_pid, signal.SIGKILL)
             wait_for_restarts(pipe, 1)
@@ -204,10 +204,10 @@ def test_restarts_run_out(lib: PipelineLibrary) -> None:
     sets = input_sets(4, seed=9)
     with PipelineModule(lib, restart=True, max_restarts=1) as pipe:
         np.testing.assert_allclose(pipe.submit(sets[0]).result(10)[0], expected(sets[0]))
-        os.kill(pipe._worker_of["mod2"].process.pid, signal.SIGKILL)
+        os.kill(pipe._fleet.worker_of["mod2"].process.pid, signal.SIGKILL)
         wait_for_restarts(pipe, 1)
         np.testing.assert_allclose(pipe.submit(sets[1]).result(10)[0], expected(sets[1]))
-        os.kill(pipe._worker_of["mod2"].process.pid, signal.SIGKILL)
+        os.kill(pipe._fleet.worker_of["mod2"].process.pid, signal.SIGKILL)
         deadline = time.monotonic() + RESTART_LIMIT_S
         with pytest.raises(StageLostError, match="max_restarts"):
             while time.monotonic() < deadline:  # the dying session may still answer a while

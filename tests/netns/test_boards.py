@@ -33,7 +33,7 @@ def _inputs(count: int, seed: int) -> list[np.ndarray]:
 def _placement(pipe: PipelineModule, boards: Any) -> list[Any]:
     """The board each stage runs on, from the data-plane address its worker advertised."""
     by_address = {board.address: board for board in boards.boards}
-    hosts = [urlparse(session.address).hostname for session in pipe._sessions]
+    hosts = [urlparse(session.address).hostname for session in pipe._fleet.stage_sessions()]
     assert all(host in by_address for host in hosts), f"stages not on the boards: {hosts}"
     return [by_address[host] for host in hosts]
 

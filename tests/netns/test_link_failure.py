@@ -24,7 +24,7 @@ def test_cut_link_fails_inputs_in_flight_within_three_seconds(
     with PipelineModule(
         chain_lib, tracker=boards.tracker, client_host=boards.controller_address
     ) as pipe:
-        host = pipe._sessions[1].address.split("//")[1].rsplit(":", 1)[0]
+        host = pipe._fleet.stage_sessions()[1].address.split("//")[1].rsplit(":", 1)[0]
         board = next(b for b in boards.boards if b.address == host)
         boards.shape(board, "2mbit")  # keep inputs in flight: 256 KiB take about 1 s
         futures = [

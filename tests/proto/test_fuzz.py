@@ -60,7 +60,7 @@ VALUES = st.recursive(
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner),
     max_leaves=12,
 )
-HEADER_KEYS = st.sampled_from(["v", "t", "seq", "from", "tensors", "err", "other"])
+HEADER_KEYS = st.sampled_from(["v", "t", "seq", "ep", "from", "tensors", "err", "other"])
 HEADERS = st.dictionaries(HEADER_KEYS, VALUES, max_size=7).map(
     lambda h: {**h, "v": PROTOCOL_VERSION} if h.get("v") is None else h
 )

@@ -1,0 +1,250 @@
+"""Placing the stages: a session per stage where the plan puts it, started, wired, replaced.
+
+The fleet owns the RPC sessions and the loopback workers it started. Stages start in reverse
+order of the data flow (``Wiring.start_order``): a stage binds one receive socket per sender
+when it starts, so its senders learn where to send only afterwards. ``replace`` deploys one
+lost stage again and rewires the stages that send to it (see recovery.py for the protocol).
+A stage on TVM's own RPC server (no tvmpipe there) runs in relay mode, from a local stage
+process; that is logged and shown in ``stats()``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from tvmpipe.proto.errors import DeployError
+from tvmpipe.proto.messages import Message, encode_blob
+
+from .cluster import ClusterPlan, Placement
+from .deploy import (
+    REQUEST_TIMEOUT_S,
+    LocalWorker,
+    PlainServerError,
+    StageSession,
+    connect_server,
+    request_from_tracker,
+    start_local_workers,
+)
+from .library import PipelineLibrary, StageInfo
+from .wiring import CLIENT, Wiring
+
+log = logging.getLogger("tvmpipe")
+
+
+class Fleet:
+    def __init__(
+        self,
+        lib: PipelineLibrary,
+        plan: ClusterPlan,
+        wiring: Wiring,
+        bind_host: str,
+        client_host: str,
+        deploy_timeout: float = REQUEST_TIMEOUT_S,
+    ):
+        self.lib = lib
+        self.plan = plan
+        self.wiring = wiring
+        self.deploy_timeout = deploy_timeout
+        self._bind_host = bind_host
+        self._client_host = client_host
+        self._lock = threading.Lock()
+        self.sessions: dict[str, StageSession] = {}
+        self.addresses: dict[str, dict[str, str]] = {}  # stage -> sender -> its socket
+        self.relay_boards: dict[str, str] = {}  # stage -> the plain server it is relayed to
+        self.lost: list[StageSession] = []  # not asked to stop: a call could hang
+        self.local_workers: list[LocalWorker] = []
+        self.worker_of: dict[str, LocalWorker] = {}  # "stage" or "stage relay" -> its worker
+        self._params_set: dict[str, dict[str, np.ndarray]] = {}  # replayed on a new session
+
+    # ----- deploying
+    def deploy(self, client_address: str, queue_bytes: int, epoch: int) -> None:
+        """Place, load and start every stage; on failure the caller closes the fleet."""
+        local = [s.name for s in self.lib.stages if self.plan.placements[s.name] == Placement()]
+        if local:  # started together: each takes a second or so to import TVM
+            workers = start_local_workers(len(local), self._bind_host)
+            self.local_workers = workers
+            self.worker_of = dict(zip(local, workers, strict=True))
+        for stage in self.lib.stages:
+            self.sessions[stage.name] = self.place(stage)
+        for name in self.wiring.start_order():
+            self.start(name, client_address, queue_bytes, epoch)
+
+    def place(self, stage: StageInfo, fresh_worker: bool = False) -> StageSession:
+        """A session for ``stage`` where the plan puts it, with the stage loaded and weighted."""
+        place = self.plan.placements[stage.name]
+        stage = replace(stage, **place.options)
+        relay: dict[str, Any] | None = None
+        timeout = self.deploy_timeout
+        if place.server is not None:
+            host, _, port = place.server.rpartition(":")
+            session = connect_server(stage, place.server, timeout)
+            relay = {"host": host, "port": port, "board": place.server}
+        elif place.key is not None:
+            assert self.plan.tracker is not None
+            session = request_from_tracker(stage, self.plan.tracker, place.key, timeout)
+            host, port = self.plan.tracker
+            board = f"a worker with key {place.key!r} at tracker {host}:{port}"
+            relay = {"tracker": [host, port], "key": place.key, "board": board}
+        else:
+            worker = self._local_worker(stage.name, fresh=fresh_worker)
+            session = connect_server(stage, f"{worker.host}:{worker.port}", timeout)
+        try:
+            try:
+                session.handshake()
+            except PlainServerError:
+                if relay is None:
+                    raise
+                session.close()  # frees the plain server for the relay's own session
+                session = self._relay_session(stage, relay)
+            else:
+                relay = None
+            session.upload_and_load(self.lib, relay)
+            params = {**self.lib.initial_params(stage), **self._params_set.get(stage.name, {})}
+            if params:
+                session.call("tvmpipe.stage.set_params", blob(params))
+        except BaseException:
+            session.close()
+            raise
+        return session
+
+    def start(self, name: str, client_address: str, queue_bytes: int, epoch: int) -> None:
+        """Start one stage (every stage it sends to has started): it binds its sockets."""
+        message = self.wiring.start_message(
+            name, self.addresses, client_address, queue_bytes, epoch
+        )
+        reply = json.loads(self.sessions[name].call("tvmpipe.stage.start", message))
+        self.addresses[name] = dict(reply["addresses"])
+        session = self.sessions[name]
+        session.address = next(iter(self.addresses[name].values()))
+
+    def replace(
+        self,
+        lost: StageSession,
+        client_address: str,
+        queue_bytes: int,
+        epoch: int,
+        rewire_client: Callable[[str], None],
+    ) -> StageSession:
+        """Deploy a lost stage again and point every sender at it; returns the new session.
+
+        Each upstream stage's rewire returns once it sends to the new address; the client's
+        own socket is replaced through ``rewire_client(address)``.
+        """
+        name = lost.stage.name
+        lost.abort()
+        lost.close(stop=False)
+        with self._lock:
+            self.lost.append(lost)
+        local = self.plan.placements[name] == Placement()
+        try:
+            session = self.place(self.lib.stage(name))
+        except DeployError:
+            if not local:
+                raise
+            session = self.place(self.lib.stage(name), fresh_worker=True)  # its worker hangs
+        self.sessions[name] = session
+        self.start(name, client_address, queue_bytes, epoch)
+        for upstream in self.wiring.upstream_stages(name):
+            request = json.dumps({"name": name, "address": self.addresses[name][upstream]})
+            self.sessions[upstream].call("tvmpipe.stage.rewire", request)
+        if CLIENT in self.addresses[name]:
+            rewire_client(self.addresses[name][CLIENT])
+        return session
+
+    def stage_sessions(self) -> list[StageSession]:
+        """The sessions in stage order."""
+        return [self.sessions[s.name] for s in self.lib.stages]
+
+    # ----- weights
+    def set_params(self, stage: str, arrays: Mapping[str, np.ndarray]) -> None:
+        self.sessions[stage].call("tvmpipe.stage.set_params", blob(arrays))
+        self._params_set.setdefault(stage, {}).update(arrays)
+
+    # ----- looking
+    def stats(self) -> dict[str, Any]:
+        stages = {}
+        for name, session in list(self.sessions.items()):
+            try:
+                data = json.loads(session.call("tvmpipe.stage.stats"))
+            except DeployError as exc:  # lost, and being deployed again or failed
+                data = {"unreachable": str(exc)}
+            data.update(
+                device=session.stage.device,
+                worker=session.peer,
+                address=session.address,
+                addresses=self.addresses.get(name, {}),
+                pid=session.remote_pid,
+            )
+            if name in self.relay_boards:
+                data.update(mode="relay", board=self.relay_boards[name])
+            stages[name] = data
+        return stages
+
+    def locate(self, seq: int) -> tuple[str, str]:
+        """Where input ``seq`` stopped: the first stage, in data-flow order, that has not sent it
+        on, and what it says about it."""
+        for stage in self.lib.stages:
+            name = stage.name
+            try:
+                where = json.loads(self.sessions[name].call("tvmpipe.stage.locate", seq))
+            except DeployError as exc:
+                return name, f"stage {name!r} did not answer ({exc})"
+            if where["state"] == "waiting":
+                return name, f"stage {name!r} waits for its part from {', '.join(where['for'])}"
+            if where["state"] == "unseen":
+                return name, f"stage {name!r} never received it"
+        last = self.lib.stages[-1].name
+        return last, "every stage sent it on; its result was lost on the way to this client"
+
+    # ----- lifetime
+    def close(self) -> None:
+        """Stop every stage, end every session, stop the loopback workers started here."""
+        for session in self.sessions.values():
+            session.close(stop=session not in self.lost)
+        self.sessions = {}
+        for worker in self.local_workers:
+            worker.stop()
+        self.local_workers = []
+
+    # ----- internals
+    def _local_worker(self, key: str, extra_args: Sequence[str] = (), fresh: bool = False):
+        """The loopback worker for ``key``; a new one if there is none, it died, or ``fresh``."""
+        worker = self.worker_of.get(key)
+        if worker is not None and worker.process.poll() is None and not fresh:
+            return worker
+        if worker is not None:
+            worker.process.kill()  # dead, or not answering: it may be frozen
+            worker.stop()
+            self.local_workers.remove(worker)
+        worker = LocalWorker(self._bind_host, extra_args)
+        self.local_workers.append(worker)
+        worker.wait_ready(self.deploy_timeout)
+        self.worker_of[key] = worker
+        return worker
+
+    def _relay_session(self, stage: StageInfo, relay: dict[str, Any]) -> StageSession:
+        """A local stage process that drives a plain TVM RPC server for this stage."""
+        board = relay.pop("board")
+        log.warning(
+            "stage %r: %s is a plain TVM RPC server without tvmpipe; running the stage in relay "
+            "mode through a local stage process (every tensor crosses TVM's RPC twice)",
+            stage.name,
+            board,
+        )
+        self.relay_boards[stage.name] = board
+        worker = self._local_worker(f"{stage.name} relay", ["--custom-addr", self._client_host])
+        session = connect_server(stage, f"{worker.host}:{worker.port}", self.deploy_timeout)
+        session.handshake()
+        return session
+
+
+def blob(arrays: Mapping[str, np.ndarray]) -> bytearray:
+    tensors = {name: np.ascontiguousarray(value) for name, value in arrays.items()}
+    return bytearray(encode_blob(Message.data(0, CLIENT, tensors)))
