@@ -7,10 +7,12 @@ mapped here to a DeployError that names the stage and the worker.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import selectors
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -21,8 +23,14 @@ from typing import Any
 
 import psutil
 from tvm import rpc
+from tvm.rpc import base as rpc_base
 
-from tvmpipe.proto.errors import DeployError, VersionMismatchError
+from tvmpipe.proto.errors import (
+    DeployError,
+    NoWorkerError,
+    TrackerUnreachableError,
+    VersionMismatchError,
+)
 from tvmpipe.proto.messages import check_handshake, handshake_info
 
 from .library import PipelineLibrary, StageInfo
@@ -30,6 +38,8 @@ from .library import PipelineLibrary, StageInfo
 READY_TIMEOUT_S = 60.0
 REQUEST_TIMEOUT_S = 60.0
 CALL_LOCK_TIMEOUT_S = 30.0
+TRACKER_TIMEOUT_S = 3.0  # a tracker that has not answered by then is reported unreachable
+CONNECT_FLOOR_S = 2.0  # a worker granted at the last moment still gets this long to connect
 
 
 class LocalWorker:
@@ -107,6 +117,9 @@ class StageSession:
         self.remote_pid: int | None = None
         self.devices: list[str] = []
         self.rpc_address = peer
+        # Set by the client when the stage runs in relay mode: the plain TVM server it relays
+        # to ("host:port", or "key@host:port" through the tracker); None for a tvmpipe worker.
+        self.relay_board: str | None = None
 
     def call(self, name: str, *args: Any, wait: float = CALL_LOCK_TIMEOUT_S) -> Any:
         """Call a remote function; waits at most ``wait`` s for a call already under way."""
@@ -241,15 +254,162 @@ def _remote_message(exc: BaseException) -> str:
 def connect_server(
     stage: StageInfo, address: str, timeout: float = REQUEST_TIMEOUT_S
 ) -> StageSession:
+    """An RPC session with the server at ``address``, or a DeployError within ``timeout``.
+
+    Raises DeployError, within ``timeout``: nothing listens there ("refused the connection"),
+    the host did not accept a TCP connection ("timed out"), or the server accepted it but did
+    not answer TVM's RPC handshake ("did not answer").
+    """
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise DeployError(f"stage {stage.name!r}: server address {address!r} is not HOST:PORT")
-    session = _bounded(
-        lambda: rpc.connect(host, int(port), session_timeout=0),
-        timeout,
-        f"stage {stage.name!r}: cannot open an RPC session with {address}",
-    )
+    what = f"stage {stage.name!r}: server {address}"
+    hint = f"start a worker there (tvmpipe-worker --port {port}) or fix the address"
+    session = _connect_rpc(what, host, int(port), "", timeout, hint)
     return StageSession(stage, session, address)
+
+
+def _connect_rpc(what: str, host: str, port: int, key: str, timeout: float, hint: str) -> Any:
+    """rpc.connect within ``timeout`` (at least CONNECT_FLOOR_S once the server has answered).
+
+    A probe first: TVM's connect leaks its socket when it fails, and waits forever on a
+    server that never answers.
+    """
+    deadline = time.monotonic() + timeout
+    _probe_rpc(what, host, port, timeout, hint)
+    remaining = max(CONNECT_FLOOR_S, deadline - time.monotonic())
+    return _bounded(
+        lambda: rpc.connect(host, port, key, session_timeout=0),
+        remaining,
+        f"{what}: cannot open an RPC session",
+        f"{what} answered but did not open an RPC session within {remaining:g} s",
+    )
+
+
+# Longer than any key a server expects: TVM's C++ server fails hard on a shorter one.
+_PROBE_KEY = ("client:tvmpipe-probe-" + "-" * 256).encode()
+
+
+def _probe_rpc(what: str, host: str, port: int, timeout: float, hint: str) -> None:
+    """Check that a TVM RPC server answers at host:port, or raise DeployError saying why.
+
+    The probe offers a key no server expects: TVM's servers (Python and C++) answer "key
+    mismatch" and go on listening, with no session started and no tracker slot taken.
+    """
+    deadline = time.monotonic() + timeout
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise DeployError(f"{what} {_os_reason(exc, timeout)}; {hint}") from exc
+    try:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.sendall(struct.pack("<ii", rpc_base.RPC_MAGIC, len(_PROBE_KEY)) + _PROBE_KEY)
+        code = struct.unpack("<i", rpc_base.recvall(sock, 4))[0]
+    except TimeoutError as exc:
+        raise DeployError(
+            f"{what} accepted the connection but did not answer TVM's RPC handshake within "
+            f"{timeout:g} s; is it a TVM RPC server, and not busy with another session?"
+        ) from exc
+    except OSError as exc:
+        raise DeployError(
+            f"{what} closed the connection during TVM's RPC handshake ({_lower(exc)}); "
+            f"is it a TVM RPC server?"
+        ) from exc
+    finally:
+        sock.close()
+    if code not in (rpc_base.RPC_CODE_MISMATCH, rpc_base.RPC_CODE_SUCCESS):
+        raise DeployError(f"{what} answered, but not as a TVM RPC server; {hint}")
+
+
+def _os_reason(exc: OSError, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"did not accept a connection within {timeout:g} s (timed out)"
+    if exc.errno == errno.ECONNREFUSED:
+        return "refused the connection (connection refused: nothing listens on that port)"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot be resolved ({exc.strerror or exc})"
+    return f"cannot be reached ({_lower(exc)})"
+
+
+def _lower(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    return (getattr(exc, "strerror", None) or str(exc) or type(exc).__name__).lower()
+
+
+def check_tracker(tracker: tuple[str, int], timeout: float = TRACKER_TIMEOUT_S) -> dict[str, Any]:
+    """The tracker's summary if it answers within ``timeout``, else TrackerUnreachableError.
+
+    For a check before waiting on the tracker: TVM's own client retries for 60 s.
+    """
+    sock = _open_tracker(tracker, timeout, "")
+    try:
+        return _tracker_summary(sock, tracker, "")
+    finally:
+        sock.close()
+
+
+def _open_tracker(tracker: tuple[str, int], timeout: float, who: str) -> socket.socket:
+    """A connection that passed the tracker's handshake within ``timeout``; the socket keeps
+    the time left as its timeout, for the summary that follows."""
+    host, port = tracker
+    deadline = time.monotonic() + timeout
+    where = f"{who}the RPC tracker at {host}:{port}"
+    hint = f"; is the tracker running at {host}:{port}?"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise TrackerUnreachableError(f"{where} {_os_reason(exc, timeout)}{hint}") from exc
+    try:
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.sendall(struct.pack("<i", rpc_base.RPC_TRACKER_MAGIC))
+        magic = struct.unpack("<i", rpc_base.recvall(sock, 4))[0]
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+    except OSError as exc:
+        sock.close()
+        reason = f"within {timeout:g} s" if isinstance(exc, TimeoutError) else f"({_lower(exc)})"
+        raise TrackerUnreachableError(
+            f"{where} accepted the connection but did not answer the tracker handshake "
+            f"{reason}{hint}"
+        ) from exc
+    if magic != rpc_base.RPC_TRACKER_MAGIC:
+        sock.close()
+        raise TrackerUnreachableError(f"{where} answered, but is not a TVM RPC tracker{hint}")
+    return sock
+
+
+def _tracker_summary(sock: socket.socket, tracker: tuple[str, int], who: str) -> dict[str, Any]:
+    try:
+        rpc_base.sendjson(sock, [rpc_base.TrackerCode.SUMMARY])
+        reply = rpc_base.recvjson(sock)
+    except (OSError, ValueError) as exc:
+        raise TrackerUnreachableError(
+            f"{who}the RPC tracker at {tracker[0]}:{tracker[1]} did not send its summary "
+            f"({_lower(exc)}); is the tracker running there?"
+        ) from exc
+    if not isinstance(reply, list) or reply[:1] != [rpc_base.TrackerCode.SUCCESS]:
+        raise TrackerUnreachableError(
+            f"{who}the RPC tracker at {tracker[0]}:{tracker[1]} sent an invalid summary: {reply!r}"
+        )
+    return reply[1]
+
+
+def registered_workers(summary: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """``{key: (registered, free)}`` from a tracker summary.
+
+    Registered servers are the tracker's server_info entries (key "server:<key>"), which stay
+    while a server is in a session; free ones are queue_info's count of unclaimed servers.
+    """
+    counts: dict[str, list[int]] = {}
+    for info in summary.get("server_info", []):
+        kind, _, key = str(info.get("key", "")).partition(":")
+        if kind == "server":
+            counts.setdefault(key, [0, 0])[0] += 1
+    for key, queue in summary.get("queue_info", {}).items():
+        entry = counts.setdefault(key, [0, 0])
+        entry[1] = int(queue.get("free", 0))
+        entry[0] = max(entry[0], entry[1])  # a server that never sent its info still counts
+    return {key: (total, free) for key, (total, free) in counts.items() if total}
 
 
 def request_from_tracker(
@@ -258,7 +418,13 @@ def request_from_tracker(
     key: str | None = None,
     timeout: float = REQUEST_TIMEOUT_S,
 ) -> StageSession:
-    """Ask the tracker for a free worker registered under ``key`` (default: the stage's)."""
+    """Ask the tracker for a free worker registered under ``key`` (default: the stage's).
+
+    Raises TrackerUnreachableError within min(TRACKER_TIMEOUT_S, timeout) if the tracker does
+    not answer; NoWorkerError at once if no worker is registered under the key, or after
+    ``timeout`` if all of them stay in use; DeployError if the granted worker cannot be
+    connected (given at least CONNECT_FLOOR_S).
+    """
     key = key or stage.rpc_key
     if not key:
         raise DeployError(
@@ -266,32 +432,55 @@ def request_from_tracker(
             f"workers register under at the tracker"
         )
     host, port = tracker
-    holder: dict[str, Any] = {}
-
-    def request() -> Any:
-        holder["tracker"] = tracker_session = rpc.connect_tracker(host, port)
-        return tracker_session.request(key, session_timeout=0, max_retry=1)
-
-    def give_up() -> None:
-        if "tracker" in holder:
-            holder["tracker"].close()
-
-    session = _bounded(
-        request,
-        timeout,
-        f"stage {stage.name!r}: the tracker at {host}:{port} gave no free worker with key {key!r}",
-        on_timeout=give_up,
-    )
+    started = time.monotonic()
+    who = f"stage {stage.name!r}: "
+    sock = _open_tracker(tracker, min(TRACKER_TIMEOUT_S, timeout), who)
+    try:
+        workers = registered_workers(_tracker_summary(sock, tracker, who))
+        if key not in workers:
+            known = ", ".join(f"{k!r} ({n})" for k, (n, _) in sorted(workers.items()))
+            raise NoWorkerError(
+                f"{who}no worker is registered under key {key!r} at the tracker {host}:{port} "
+                f"(registered: {known or 'none'}); start one with "
+                f"`tvmpipe-worker --tracker {host}:{port} --key {key}`"
+            )
+        total = workers[key][0]
+        try:
+            rpc_base.sendjson(sock, [rpc_base.TrackerCode.REQUEST, key, "", 1])
+            sock.settimeout(max(0.001, started + timeout - time.monotonic()))
+            reply = rpc_base.recvjson(sock)
+        except TimeoutError:
+            # Closing the connection withdraws the request: the tracker skips requests whose
+            # connection is closed, so the worker stays free for others.
+            raise NoWorkerError(
+                f"{who}all {total} worker(s) registered under key {key!r} at the tracker "
+                f"{host}:{port} are in use; none became free within "
+                f"{time.monotonic() - started:.1f} s (start more workers with --key {key})"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise TrackerUnreachableError(
+                f"{who}the RPC tracker at {host}:{port} dropped the connection while asked "
+                f"for a worker with key {key!r} ({_lower(exc)}); is the tracker running?"
+            ) from exc
+    finally:
+        sock.close()
+    if not isinstance(reply, list) or reply[:1] != [rpc_base.TrackerCode.SUCCESS]:
+        raise DeployError(f"{who}the tracker at {host}:{port} refused the request: {reply!r}")
+    url, worker_port, matchkey = reply[1]
+    remaining = max(CONNECT_FLOOR_S, started + timeout - time.monotonic())
+    what = f"{who}worker {url}:{worker_port} (key {key!r}, from the tracker at {host}:{port})"
+    hint = "check the address the worker registered (its --custom-addr) is reachable from here"
+    session = _connect_rpc(what, url, int(worker_port), matchkey, remaining, hint)
     return StageSession(stage, session, f"{key}@{host}:{port}")
 
 
 def _bounded(
-    func: Callable[[], Any],
-    timeout: float,
-    what: str,
-    on_timeout: Callable[[], None] | None = None,
+    func: Callable[[], Any], timeout: float, what: str, timed_out: str | None = None
 ) -> Any:
-    """Run a blocking TVM call with a deadline: TVM's own calls have none."""
+    """Run a blocking TVM call with a deadline: TVM's own calls have none.
+
+    On timeout the call is left to finish in its daemon thread (it ends when the peer closes).
+    """
     result: dict[str, Any] = {}
 
     def target() -> None:
@@ -304,9 +493,7 @@ def _bounded(
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        if on_timeout is not None:
-            on_timeout()
-        raise DeployError(f"{what} within {timeout:.0f} s")
+        raise DeployError(timed_out or f"{what} within {timeout:g} s")
     if "error" in result:
         exc = result["error"]
         if isinstance(exc, VersionMismatchError):
