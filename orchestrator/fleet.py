@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import psutil
 
 from tvmpipe.proto.errors import DeployError
 from tvmpipe.proto.messages import Message, encode_blob
@@ -36,6 +37,7 @@ from .library import PipelineLibrary, StageInfo
 from .wiring import CLIENT, Wiring
 
 log = logging.getLogger("tvmpipe")
+STATS_WAIT_S = 2.0  # a frozen stage's call holds its session: do not wait for it long
 
 
 class Fleet:
@@ -143,10 +145,11 @@ class Fleet:
         with self._lock:
             self.lost.append(lost)
         local = self.plan.placements[name] == Placement()
+        fresh = local and self._worker_is_held(name, lost)
         try:
-            session = self.place(self.lib.stage(name))
+            session = self.place(self.lib.stage(name), fresh_worker=fresh)
         except DeployError:
-            if not local:
+            if not local or fresh:
                 raise
             session = self.place(self.lib.stage(name), fresh_worker=True)  # its worker hangs
         self.sessions[name] = session
@@ -172,7 +175,9 @@ class Fleet:
         stages = {}
         for name, session in list(self.sessions.items()):
             try:
-                data = json.loads(session.call("tvmpipe.stage.stats"))
+                if session in self.lost:
+                    raise DeployError(f"stage {name!r} on {session.peer} is lost")
+                data = json.loads(session.call("tvmpipe.stage.stats", wait=STATS_WAIT_S))
             except DeployError as exc:  # lost, and being deployed again or failed
                 data = {"unreachable": str(exc)}
             data.update(
@@ -193,7 +198,8 @@ class Fleet:
         for stage in self.lib.stages:
             name = stage.name
             try:
-                where = json.loads(self.sessions[name].call("tvmpipe.stage.locate", seq))
+                session = self.sessions[name]
+                where = json.loads(session.call("tvmpipe.stage.locate", seq, wait=STATS_WAIT_S))
             except DeployError as exc:
                 return name, f"stage {name!r} did not answer ({exc})"
             if where["state"] == "waiting":
@@ -228,6 +234,24 @@ class Fleet:
         worker.wait_ready(self.deploy_timeout)
         self.worker_of[key] = worker
         return worker
+
+    def _worker_is_held(self, name: str, lost: StageSession) -> bool:
+        """Whether the stage's loopback worker cannot take a new session now: it is frozen, or
+        still serving the lost session (a frozen one: TVM's server serves one at a time)."""
+        worker = self.worker_of.get(name)
+        if worker is None or worker.process.poll() is not None:
+            return False
+        held = [worker.process.pid] + ([lost.remote_pid] if lost.remote_pid else [])
+        for pid in held:
+            try:
+                status = psutil.Process(pid).status()
+            except psutil.NoSuchProcess:
+                continue
+            if pid == worker.process.pid and status == psutil.STATUS_STOPPED:
+                return True
+            if pid != worker.process.pid and status != psutil.STATUS_ZOMBIE:
+                return True
+        return False
 
     def _relay_session(self, stage: StageInfo, relay: dict[str, Any]) -> StageSession:
         """A local stage process that drives a plain TVM RPC server for this stage."""

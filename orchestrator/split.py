@@ -2,18 +2,25 @@
 
 ``cuts`` are positions in the bindings of ``main`` (all of its binding blocks, in order),
 Python-slice style: ``[k1, k2]`` makes the stages ``[0:k1]``, ``[k1:k2]`` and ``[k2:]``, and a
-negative position counts from the end. Wiring rules:
+negative position counts from the end. A cut may fall between a tuple-valued binding (such as
+``batch_norm``) and its uses. Wiring rules:
 
 - A tensor computed in one stage and used by a later one is an output of the stage that computes
   it and an input of every later stage that uses it, straight from the producer (a skip
   connection goes from stage 0 to stage 2 without passing through stage 1).
+- A tuple (``batch_norm``'s result, nested ones too) crosses a cut as its tensor fields: the
+  producer returns each field as its own output, and the consumer takes each as a parameter
+  named ``<value>_<i>`` (``<value>_<i>_<j>`` when nested) and rebuilds the tuple. A consumer
+  that only reads fields (``t[0]``) receives only those fields. Values that are neither tensors
+  nor tuples of tensors (shapes, PrimValues, objects) cannot cross a cut.
 - Every parameter of ``main`` is one pipeline input, with the same name, fed to the first stage
   that uses it; that stage passes it on as an extra output to later stages that need it too.
   A parameter nothing uses goes to the first stage; one only returned goes to the last.
 - Bindings that depend on no parameter (weights, ``broadcast_to`` of constants) never cross a
   cut: each stage that needs one computes it itself, so weights are not streamed between stages.
 - Bindings that nothing in ``main``'s result depends on are dropped.
-- The pipeline outputs are ``main``'s outputs in order (the fields of a returned tuple).
+- The pipeline outputs are ``main``'s outputs in order: the tensors of a returned tuple,
+  flattened depth first.
 
 Each stage is a standalone IRModule whose ``main`` is a pure Relax function with one dataflow
 block; its parameters are named after the values they receive (sanitised to identifiers and
@@ -39,6 +46,9 @@ __all__ = ["split_module"]
 
 _NOT_IDENT = re.compile(r"[^0-9A-Za-z_]")
 
+Path = tuple[int, ...]  # indices into nested tuples; () is the value itself
+Port = tuple[int, Path]  # one tensor that crosses a cut: a value's key and the field's path
+
 
 @dataclass
 class _Stage:
@@ -46,8 +56,9 @@ class _Stage:
     hi: int
     own: set[int] = field(default_factory=set)  # binding indices this stage computes
     consts: set[int] = field(default_factory=set)  # parameter-free bindings it recomputes
-    inputs: set[int] = field(default_factory=set)  # keys of the values it receives
-    outputs: set[int] = field(default_factory=set)  # keys of the values it sends
+    inputs: dict[int, list[Path]] = field(default_factory=dict)  # value key -> fields received
+    picked: set[int] = field(default_factory=set)  # tuples read only as t[i]: fields, no tuple
+    outputs: set[Port] = field(default_factory=set)  # the tensors it sends
 
 
 def _key(v: relax.Var) -> int:
@@ -60,7 +71,8 @@ def split_module(mod: tvm.IRModule, cuts: Sequence[int]) -> PipelineModuleConfig
     func = _main_of(mod)
     bindings = _bindings_of(func)
     positions = _normalize_cuts(cuts, len(bindings))
-    results = [_key(v) for v in _results_of(func, bindings)]
+    results = _results_of(func, bindings)
+    result_keys = {v for v, _ in results}
 
     params = [_key(p) for p in func.params]
     var_of = {_key(p): p for p in func.params}
@@ -74,13 +86,13 @@ def split_module(mod: tvm.IRModule, cuts: Sequence[int]) -> PipelineModuleConfig
         [k for v in relax.analysis.free_vars(b.value) if (k := _key(v)) in var_of] for b in bindings
     ]
     const = _parameter_free(uses, index)
-    live = _live(results, uses, index)
+    live = _live(result_keys, uses, index)
 
     bounds = [0, *positions, len(bindings)]
     stages = [_Stage(lo, hi) for lo, hi in itertools.pairwise(bounds)]
     stage_of = {i: s for s, st in enumerate(stages) for i in range(st.lo, st.hi)}
     for i in sorted(live):
-        if not const[i] or _key(bindings[i].var) in results:
+        if not const[i] or _key(bindings[i].var) in result_keys:
             stages[stage_of[i]].own.add(i)
 
     # Who uses each value; a parameter is owned by its first user.
@@ -97,34 +109,35 @@ def split_module(mod: tvm.IRModule, cuts: Sequence[int]) -> PipelineModuleConfig
             elif j is None or stage_of[j] != s:
                 users.setdefault(v, set()).add(s)
     producer: dict[int, int] = {}
+    receives: list[set[int]] = [set() for _ in stages]
     for p in params:
         if p in users:
             producer[p] = min(users[p])
         else:
-            producer[p] = len(stages) - 1 if p in results else 0
-        stages[producer[p]].inputs.add(p)
+            producer[p] = len(stages) - 1 if p in result_keys else 0
+        receives[producer[p]].add(p)
     producer.update({k: stage_of[i] for k, i in index.items()})
     for v, stage_ids in users.items():
         for s in stage_ids - {producer[v]}:
-            stages[producer[v]].outputs.add(v)
-            stages[s].inputs.add(v)
-    for v in results:
-        stages[producer[v]].outputs.add(v)
+            receives[s].add(v)
+    for s, st in enumerate(stages):
+        for v in sorted(receives[s], key=order.__getitem__):
+            paths = _fields_received(v, s, stages, bindings, uses, var_of, index, producer)
+            st.inputs[v] = paths
+            if producer[v] != s:
+                stages[producer[v]].outputs.update((v, path) for path in paths)
+    for v, path in results:
+        stages[producer[v]].outputs.add((v, path))
 
     for s, st in enumerate(stages):
-        _check_stage(s, st, var_of, index, positions)
+        _check_stage(s, st, positions)
 
     modules: list[tvm.IRModule] = []
-    port_names: list[dict[int, str]] = []
-    out_lists: list[list[int]] = []
+    port_names: list[dict[Port, str]] = []
+    out_lists: list[list[Port]] = []
     for s, st in enumerate(stages):
-        inputs = sorted(st.inputs, key=order.__getitem__)
-        outputs = sorted(st.outputs, key=order.__getitem__)
-        names = _unique_names([var_of[v] for v in inputs])
-        body = [bindings[i] for i in sorted(st.own | st.consts)]
-        stage = _stage_module(
-            mod, func, [var_of[v] for v in inputs], names, body, [var_of[v] for v in outputs]
-        )
+        outputs = sorted(st.outputs, key=lambda port: (order[port[0]], port[1]))
+        stage, names = _stage_module(mod, func, st, bindings, var_of, outputs)
         undefined = relax.analysis.free_symbolic_vars(stage["main"])
         if undefined:
             raise ConfigError(
@@ -133,21 +146,21 @@ def split_module(mod: tvm.IRModule, cuts: Sequence[int]) -> PipelineModuleConfig
                 f"it in its shape; move the cut"
             )
         modules.append(stage)
-        port_names.append(dict(zip(inputs, names, strict=True)))
+        port_names.append(names)
         out_lists.append(outputs)
 
     cfg = PipelineModuleConfig()
     for m in modules:
         cfg[m]  # register in stage order, so that stage k is named mod{k+1}
     for p in params:
-        cfg.inputs[var_of[p].name] = (modules[producer[p]], port_names[producer[p]][p])
+        cfg.inputs[var_of[p].name] = (modules[producer[p]], port_names[producer[p]][(p, ())])
     for s, ports in enumerate(port_names):
-        for v, name in ports.items():
-            src = producer[v]
+        for port, name in ports.items():
+            src = producer[port[0]]
             if src != s:
-                cfg.connect(modules[src], out_lists[src].index(v), modules[s], name)
-    for v in results:
-        cfg.outputs.append((modules[producer[v]], out_lists[producer[v]].index(v)))
+                cfg.connect(modules[src], out_lists[src].index(port), modules[s], name)
+    for v, path in results:
+        cfg.outputs.append((modules[producer[v]], out_lists[producer[v]].index((v, path))))
     return cfg
 
 
@@ -168,6 +181,12 @@ def _main_of(mod: object) -> relax.Function:
             raise ConfigError(
                 f"split_module: main has two parameters named {name!r}; pipeline inputs are "
                 f"named after main's parameters, so the names must be unique"
+            )
+    for p in func.params:
+        if not isinstance(p.ty, relax.TensorType):
+            raise ConfigError(
+                f"split_module: main's parameter {p.name} is {p.ty}, not a tensor; pipeline "
+                f"inputs are tensors"
             )
     return func
 
@@ -222,21 +241,43 @@ def _normalize_cuts(cuts: Sequence[int], n: int) -> list[int]:
     return positions
 
 
-def _results_of(func: relax.Function, bindings: list[relax.Binding]) -> list[relax.Var]:
-    """main's outputs as variables: the fields of a returned tuple, or the returned tensor."""
-    ret = func.body.body
-    if isinstance(ret, relax.Var):
-        values = {_key(b.var): b.value for b in bindings if isinstance(b, relax.VarBinding)}
-        if isinstance(values.get(_key(ret)), relax.Tuple):
-            ret = values[_key(ret)]
-    fields = list(ret.fields) if isinstance(ret, relax.Tuple) else [ret]
-    for i, v in enumerate(fields):
-        if not isinstance(v, relax.Var) or not isinstance(v.ty, relax.TensorType):
-            raise ConfigError(
-                f"split_module: main's output {i} ({v}) is not a tensor variable; "
-                f"main must return a tensor or a tuple of tensors"
-            )
-    return fields
+def _results_of(func: relax.Function, bindings: list[relax.Binding]) -> list[Port]:
+    """main's outputs as tensor ports: a returned tuple (a literal or a value) flattened."""
+    values = {_key(b.var): b.value for b in bindings if isinstance(b, relax.VarBinding)}
+    ports: list[Port] = []
+
+    def flatten(expr: relax.Expr) -> None:
+        if isinstance(expr, relax.Var) and isinstance(values.get(_key(expr)), relax.Tuple):
+            expr = values[_key(expr)]  # a tuple literal is not computed: its fields are returned
+        if isinstance(expr, relax.Tuple):
+            for f in expr.fields:
+                flatten(f)
+            return
+        leaves = _leaves(expr.ty) if isinstance(expr, relax.Var) else [((), None)]
+        for path, ty in leaves:
+            if not isinstance(ty, relax.TensorType):
+                what = expr if not path else f"field {list(path)} of {expr.name}: {ty}"
+                raise ConfigError(
+                    f"split_module: main's output {len(ports)} ({what}) is not a tensor "
+                    f"variable; main must return tensors, or tuples of them"
+                )
+            ports.append((_key(expr), path))
+
+    flatten(func.body.body)
+    return ports
+
+
+def _leaves(ty: tvm.ir.Type, path: Path = ()) -> list[tuple[Path, tvm.ir.Type]]:
+    """Each non-tuple field of a (nested) tuple type with its path; any other type is its own."""
+    if not isinstance(ty, tvm.ir.TupleType):
+        return [(path, ty)]
+    return [leaf for i, f in enumerate(ty.fields) for leaf in _leaves(f, (*path, i))]
+
+
+def _type_at(ty: tvm.ir.Type, path: Path) -> tvm.ir.Type:
+    for i in path:
+        ty = ty.fields[i]
+    return ty
 
 
 def _parameter_free(uses: list[list[int]], index: dict[int, int]) -> list[bool]:
@@ -247,7 +288,7 @@ def _parameter_free(uses: list[list[int]], index: dict[int, int]) -> list[bool]:
     return const
 
 
-def _live(results: list[int], uses: list[list[int]], index: dict[int, int]) -> set[int]:
+def _live(results: set[int], uses: list[list[int]], index: dict[int, int]) -> set[int]:
     """Bindings that main's result depends on."""
     live: set[int] = set()
     pending = list(results)
@@ -259,13 +300,58 @@ def _live(results: list[int], uses: list[list[int]], index: dict[int, int]) -> s
     return live
 
 
-def _check_stage(
+def _picked_fields(
+    v: int, st: _Stage, bindings: list[relax.Binding], uses: list[list[int]]
+) -> set[int] | None:
+    """The fields i of tuple v that stage st reads, when it reads v only as ``x = v[i]``."""
+    picked: set[int] = set()
+    for i in st.own:
+        if v in uses[i]:
+            value = bindings[i].value
+            if not (
+                isinstance(bindings[i], relax.VarBinding)
+                and isinstance(value, relax.TupleGetItem)
+                and isinstance(value.tuple_value, relax.Var)
+                and _key(value.tuple_value) == v
+            ):
+                return None
+            picked.add(int(value.index))
+    return picked
+
+
+def _fields_received(
+    v: int,
     s: int,
-    st: _Stage,
+    stages: list[_Stage],
+    bindings: list[relax.Binding],
+    uses: list[list[int]],
     var_of: dict[int, relax.Var],
     index: dict[int, int],
-    positions: list[int],
-) -> None:
+    producer: dict[int, int],
+) -> list[Path]:
+    """The tensors of v that stage s receives: v itself, or the fields of a tuple it needs."""
+    var, st = var_of[v], stages[s]
+    picked = None
+    if isinstance(var.ty, tvm.ir.TupleType):
+        picked = _picked_fields(v, st, bindings, uses)
+        if picked is not None:
+            st.picked.add(v)
+    leaves = [(p, ty) for p, ty in _leaves(var.ty) if picked is None or p[0] in picked]
+    for path, ty in leaves:
+        if not isinstance(ty, relax.TensorType):
+            src = stages[producer[v]]
+            what = "it is" if not path else f"its field {list(path)} is {ty},"
+            raise ConfigError(
+                f"split_module: {var.name} (binding {index[v]}, {var.ty}) is computed in stage "
+                f"{producer[v]} (bindings [{src.lo}:{src.hi}]) and used in stage {s} (bindings "
+                f"[{st.lo}:{st.hi}]), so it would cross the cut at {src.hi}; {what} not a "
+                f"tensor, and only tensors and tuples of tensors can cross a cut: cut before it "
+                f"or after its last use"
+            )
+    return [path for path, _ in leaves]
+
+
+def _check_stage(s: int, st: _Stage, positions: list[int]) -> None:
     where = f"stage {s} (bindings [{st.lo}:{st.hi}] of main, cuts {positions})"
     if not st.own or not st.outputs:
         raise ConfigError(
@@ -274,20 +360,12 @@ def _check_stage(
         )
     if not st.inputs:
         raise ConfigError(f"{where} would take no inputs: it computes only constants")
-    for v in sorted(st.inputs | st.outputs):
-        var = var_of[v]
-        if not isinstance(var.ty, relax.TensorType):
-            what = f"binding {index[v]}" if v in index else "parameter"
-            raise ConfigError(
-                f"{where}: {var.name} ({what}, {var.ty}) would be a stage port but is not a "
-                f"tensor; only tensors can cross a cut, so cut before it or after its last use"
-            )
 
 
-def _unique_names(inputs: list[relax.Var]) -> list[str]:
+def _unique_names(bases: list[str]) -> list[str]:
     names: list[str] = []
-    for v in inputs:
-        base = _NOT_IDENT.sub("_", v.name) or "v"
+    for raw in bases:
+        base = _NOT_IDENT.sub("_", raw) or "v"
         if base[0].isdigit():
             base = "v_" + base
         name, k = base, 1
@@ -297,31 +375,78 @@ def _unique_names(inputs: list[relax.Var]) -> list[str]:
     return names
 
 
+def _port_name(var: relax.Var, path: Path) -> str:
+    return "_".join([var.name, *map(str, path)])
+
+
 def _stage_module(
     mod: tvm.IRModule,
     main: relax.Function,
-    inputs: list[relax.Var],
-    names: list[str],
-    body: list[relax.Binding],
-    outputs: list[relax.Var],
-) -> tvm.IRModule:
-    """One stage: fresh parameters bound to the original variables, so bindings stay as they are."""
+    st: _Stage,
+    bindings: list[relax.Binding],
+    var_of: dict[int, relax.Var],
+    outputs: list[Port],
+) -> tuple[tvm.IRModule, dict[Port, str]]:
+    """One stage and its parameter names: fresh parameters bound to the original variables (a
+    tuple rebuilt from its fields), so the stage's bindings stay as they are."""
+    ports = [(v, path) for v, paths in st.inputs.items() for path in paths]
+    names = _unique_names([_port_name(var_of[v], path) for v, path in ports])
     params: list[relax.Var] = []
-    block: list[relax.Binding] = []
-    for v, name in zip(inputs, names, strict=True):
-        if not isinstance(v, relax.DataflowVar) and v.name == name:
-            params.append(v)  # a parameter of main keeps its variable
+    param_of: dict[Port, relax.Var] = {}
+    kept: set[int] = set()
+    for (v, path), name in zip(ports, names, strict=True):
+        var = var_of[v]
+        if not path and not isinstance(var, relax.DataflowVar) and var.name == name:
+            params.append(var)  # a parameter of main keeps its variable
+            kept.add(v)
         else:
-            params.append(relax.Var(name, v.ty))
-            block.append(relax.VarBinding(v, params[-1]))
-    block += body
-    rets: list[relax.Expr] = []
-    for v in outputs:
-        if isinstance(v, relax.DataflowVar):  # a function may only return non-dataflow vars
-            out = relax.Var(v.name, v.ty)
-            block.append(relax.VarBinding(out, v))
-            v = out
-        rets.append(v)
+            params.append(relax.Var(name, _type_at(var.ty, path)))
+        param_of[(v, path)] = params[-1]
+
+    def rebuild(v: int, path: Path) -> relax.Expr:
+        if (v, path) in param_of:
+            return param_of[(v, path)]
+        fields = _type_at(var_of[v].ty, path).fields
+        return relax.Tuple([rebuild(v, (*path, i)) for i in range(len(fields))])
+
+    block: list[relax.Binding] = []
+    for v in st.inputs:
+        if v not in st.picked and v not in kept:
+            block.append(relax.VarBinding(var_of[v], rebuild(v, ())))
+    for i in sorted(st.own | st.consts):
+        b = bindings[i]
+        value = b.value
+        if isinstance(value, relax.TupleGetItem) and isinstance(value.tuple_value, relax.Var):
+            v = _key(value.tuple_value)
+            if v in st.picked:  # x = t[i] with only t's fields at hand: x = the field itself
+                b = relax.VarBinding(b.var, rebuild(v, (int(value.index),)))
+        block.append(b)
+
+    items: dict[Port, relax.Var] = {}
+
+    def item(v: int, path: Path) -> relax.Var:
+        """The (sub-)tuple of v at path, read out of v once."""
+        if not path:
+            return var_of[v]
+        if (v, path) not in items:
+            var = var_of[v]
+            sub = relax.DataflowVar(_port_name(var, path), _type_at(var.ty, path))
+            block.append(relax.VarBinding(sub, relax.TupleGetItem(item(v, path[:-1]), path[-1])))
+            items[(v, path)] = sub
+        return items[(v, path)]
+
+    rets: list[relax.Var] = []
+    for v, path in outputs:
+        var = var_of[v]
+        if path:  # a tuple's field: read straight into a returnable variable
+            out = relax.Var(_port_name(var, path), _type_at(var.ty, path))
+            block.append(relax.VarBinding(out, relax.TupleGetItem(item(v, path[:-1]), path[-1])))
+        elif isinstance(var, relax.DataflowVar):  # a function may only return non-dataflow vars
+            out = relax.Var(var.name, var.ty)
+            block.append(relax.VarBinding(out, var))
+        else:
+            out = var
+        rets.append(out)
     ret = rets[0] if len(rets) == 1 else relax.Tuple(rets)
     seq = relax.SeqExpr([relax.DataflowBlock(block)], ret)
     attrs = {k: v for k, v in main.attrs.items() if k != "num_input"} if main.attrs else {}
@@ -339,4 +464,5 @@ def _stage_module(
         functions[gv] = callee
         if isinstance(callee, relax.Function):
             pending.extend(relax.analysis.all_global_vars(callee))
-    return tvm.IRModule(functions, dict(mod.attrs) if mod.attrs else None, mod.global_infos)
+    module = tvm.IRModule(functions, dict(mod.attrs) if mod.attrs else None, mod.global_infos)
+    return module, dict(zip(ports, names, strict=True))

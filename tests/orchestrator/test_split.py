@@ -1,13 +1,13 @@
 """split_module: the wiring of the returned config, numerical equality with the unsplit module
-(stages run one after another with TVM directly, not through build_pipeline), and every refused
-cut."""
+(stages run one after another with TVM directly, or built with build_pipeline and run with
+run_local where tuples cross a cut), and every refused cut."""
 
 # mypy: disable-error-code="valid-type, misc"
 # (TVMScript's R.Tensor(...) annotations and indexing a decorated class are not Python typing.)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pytest
@@ -17,6 +17,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
+from tvmpipe.orchestrator.build import build_pipeline
 from tvmpipe.orchestrator.config import PipelineModuleConfig
 from tvmpipe.orchestrator.split import split_module
 from tvmpipe.proto.errors import ConfigError
@@ -25,9 +26,10 @@ from tvmpipe.proto.errors import ConfigError
 
 
 def _outputs(result: object) -> list[np.ndarray]:
+    """The tensors of a result, nested tuples flattened depth first as the pipeline outputs."""
     if isinstance(result, tvm.runtime.Tensor):
         return [result.numpy()]
-    return [t.numpy() for t in result]  # type: ignore[attr-defined]
+    return [t for field in result for t in _outputs(field)]  # type: ignore[attr-defined]
 
 
 def compile_module(mod: tvm.IRModule) -> relax.VirtualMachine:
@@ -85,6 +87,23 @@ def assert_same_as_unsplit(mod: tvm.IRModule, cfg: PipelineModuleConfig, **shape
         assert len(got) == len(expected)
         for g, e in zip(got, expected, strict=True):
             np.testing.assert_allclose(g, e, rtol=1e-6, atol=1e-7)
+
+
+def assert_pipeline_same_as_unsplit(
+    mod: tvm.IRModule, cfgs: list[PipelineModuleConfig], inputs: Mapping[str, np.ndarray]
+) -> None:
+    """Each config built by build_pipeline and run by run_local gives main's outputs."""
+    expected = run_module(mod, inputs)
+    for cfg in cfgs:
+        with tvm.transform.PassContext(opt_level=3):
+            lib = build_pipeline(cfg)
+        try:
+            got = lib.run_local(inputs)
+        finally:
+            lib.close()
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected, strict=True):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
 
 
 def wiring(cfg: PipelineModuleConfig) -> tuple[dict, list, list]:
@@ -247,6 +266,86 @@ def odd_names_module() -> tvm.IRModule:
     return tvm.IRModule({"main": func})
 
 
+def batch_norm_module() -> tvm.IRModule:
+    """main(x) with batch_norm, whose result is a tuple (out, mean, var) read by later bindings."""
+    x = relax.Var("x", relax.TensorType((1, 4, 3, 3), "float32"))
+    rng = np.random.default_rng(1)
+    gamma, beta, mean = (relax.const(rng.standard_normal(4).astype("float32")) for _ in range(3))
+    var = relax.const(rng.uniform(0.5, 2.0, 4).astype("float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            a = bb.emit(relax.op.nn.relu(x), "a")  # 0
+            norm = relax.op.nn.batch_norm(a, gamma, beta, mean, var, axis=1, training=False)
+            bn = bb.emit(norm, "bn")  # 1: a tuple
+            b = bb.emit(relax.TupleGetItem(bn, 0), "b")  # 2
+            c = bb.emit(relax.op.add(b, a), "c")  # 3
+            m = bb.emit(relax.TupleGetItem(bn, 1), "m")  # 4: bn read again
+            e = bb.emit(relax.op.expand_dims(m, [1, 2]), "e")  # 5
+            out = bb.emit_output(relax.op.multiply(c, e), "out")  # 6
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+Pair = R.Tuple(R.Tensor((2, 2), "float32"), R.Tensor((2, 2), "float32"))
+
+
+@I.ir_module
+class NestedTuple:
+    @R.function(private=True)
+    def combine(nt: R.Tuple(Pair, R.Tensor((2, 4), "float32"))) -> R.Tensor((2, 4), "float32"):
+        u = nt[0]
+        r = R.concat(u, axis=1)
+        q = nt[1]
+        out = R.subtract(r, q)
+        return out
+
+    @R.function
+    def main(x: R.Tensor((2, 4), "float32")):
+        cls = NestedTuple
+        with R.dataflow():
+            t = R.split(x, 2, axis=1)  # 0: a tuple
+            a = R.nn.relu(x)  # 1
+            nt = (t, a)  # 2: a nested tuple
+            u = nt[0]  # 3: a tuple again
+            p = u[1]  # 4
+            r = R.concat(u, axis=1)  # 5: u used whole
+            c = cls.combine(nt)  # 6: nt used whole
+            w = R.multiply(p, p)  # 7
+            ww = R.concat((w, w), axis=1)  # 8
+            s = R.add(r, c)  # 9
+            gv = R.add(s, ww)  # 10
+            R.output(gv)
+        return gv
+
+
+@I.ir_module
+class TupleResult:
+    @R.function
+    def main(x: R.Tensor((2, 4), "float32")):
+        with R.dataflow():
+            a = R.nn.relu(x)  # 0
+            gv = R.split(a, 2, axis=1)  # 1: returned as it is, not as a tuple literal
+            R.output(gv)
+        return gv
+
+
+@I.ir_module
+class ShapeValue:
+    @R.function
+    def main(x: R.Tensor((2, 3), "float32")):
+        with R.dataflow():
+            a = R.add(x, x)  # 0
+            s = R.shape_of(a)  # 1: a shape, not a tensor
+            ts = (a, s)  # 2: a tuple with a shape field
+            s2 = ts[1]  # 3
+            b = R.reshape(a, s2)  # 4
+            a2 = ts[0]  # 5
+            gv = R.add(b, a2)  # 6
+            R.output(gv)
+        return gv
+
+
 # ----- wiring and numbers
 
 
@@ -400,6 +499,116 @@ def test_real_network_shape() -> None:
     assert list(cfg.inputs) == [p.name for p in mod["main"].params]
 
 
+# ----- tuples crossing a cut
+
+
+def test_tuple_crosses_a_cut_as_its_fields() -> None:
+    cfg = split_module(TupleValue, [1])  # t = split(x) in stage 0, t[0] and t[1] in stage 1
+    assert wiring(cfg)[2] == [("mod1", 0, "mod2", "t_0"), ("mod1", 1, "mod2", "t_1")]
+    assert input_names(cfg.modules[1]) == ["t_0", "t_1"]
+    assert_same_as_unsplit(TupleValue, cfg)
+
+
+def test_only_the_fields_read_cross_a_cut() -> None:
+    mod = batch_norm_module()
+    cfg = split_module(mod, [2])  # between batch_norm and bn[0]: bn[2] is read nowhere
+    assert wiring(cfg)[2] == [
+        ("mod1", 0, "mod2", "a"),
+        ("mod1", 1, "mod2", "bn_0"),
+        ("mod1", 2, "mod2", "bn_1"),
+    ]
+    assert [str(t.shape) for t in cfg.signature(cfg.modules[1]).inputs] == [
+        str((1, 4, 3, 3)),
+        str((1, 4, 3, 3)),
+        str((4,)),
+    ]
+    assert_same_as_unsplit(mod, cfg)
+
+
+def test_tuple_used_whole_is_rebuilt_from_its_fields() -> None:
+    cfg = split_module(NestedTuple, [3])  # nt[0] and combine(nt) in stage 1
+    assert input_names(cfg.modules[1]) == ["nt_0_0", "nt_0_1", "nt_1"]
+    first = cfg.modules[1]["main"].body.blocks[0].bindings[0]
+    assert first.var.name == "nt"
+    assert isinstance(first.value, relax.Tuple)
+    assert isinstance(first.value.fields[0], relax.Tuple)  # nested as in main
+    assert_same_as_unsplit(NestedTuple, cfg)
+
+
+def test_tuple_used_by_two_later_stages() -> None:
+    mod = batch_norm_module()
+    cfg = split_module(mod, [2, 4])  # bn[0] in stage 1, bn[1] in stage 2
+    assert wiring(cfg)[2] == [
+        ("mod1", 0, "mod2", "a"),
+        ("mod1", 1, "mod2", "bn_0"),
+        ("mod1", 2, "mod3", "bn_1"),  # straight past stage 1
+        ("mod2", 0, "mod3", "c"),
+    ]
+    assert_same_as_unsplit(mod, cfg)
+    cfg = split_module(NestedTuple, [3, 6])  # nt[0] in stage 1, combine(nt) in stage 2
+    _, _, connections = wiring(cfg)
+    assert sorted(c for c in connections if c[0] == "mod1") == [
+        ("mod1", 0, "mod2", "nt_0_0"),
+        ("mod1", 0, "mod3", "nt_0_0"),
+        ("mod1", 1, "mod2", "nt_0_1"),
+        ("mod1", 1, "mod3", "nt_0_1"),
+        ("mod1", 2, "mod3", "nt_1"),
+    ]
+    assert_same_as_unsplit(NestedTuple, cfg)
+
+
+def test_returned_tuple_value_is_one_output_per_field() -> None:
+    cfg = split_module(TupleResult, [1])
+    assert wiring(cfg)[1] == [("mod2", 0), ("mod2", 1)]
+    assert_same_as_unsplit(TupleResult, cfg)
+
+
+def test_tuple_with_a_shape_field_crosses_when_only_tensors_are_read() -> None:
+    cfg = split_module(ShapeValue, [5])  # ts[1] is read before the cut, ts[0] after it
+    assert input_names(cfg.modules[1]) == ["ts_0", "b"]
+    # (no numbers: TVM cannot legalize a reshape to a shape held in a variable)
+
+
+@pytest.mark.parametrize(
+    ("module", "multi_cuts"),
+    [
+        (batch_norm_module, [[2, 4], [1, 2, 3, 4, 5, 6]]),
+        (lambda: NestedTuple, [[3, 6], [2, 4, 9]]),
+    ],
+    ids=["batch_norm", "nested"],
+)
+def test_every_binding_position_is_a_cut(
+    module: Callable[[], tvm.IRModule], multi_cuts: list[list[int]]
+) -> None:
+    """Built with build_pipeline and run with run_local, every single cut and a few multi-cuts
+    give the unsplit module's outputs."""
+    mod = module()
+    n = len(mod["main"].body.blocks[0].bindings)
+    cfgs = [split_module(mod, [k]) for k in range(1, n)]
+    cfgs += [split_module(mod, cuts) for cuts in multi_cuts]
+    assert_pipeline_same_as_unsplit(mod, cfgs, random_inputs(mod))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_real_network_cut_between_batch_norm_and_its_field() -> None:
+    """ResNet-50 as imported from ONNX: lv1 = batch_norm(...), lv2 = lv1[0] (bindings 1 and 2),
+    and lv8 = batch_norm(...), lv9 = lv8[0]; cuts at 2 and 9 were refused before."""
+    pytest.importorskip("onnx")
+    from tvmpipe.orchestrator.models import example_input, load_onnx_model
+
+    mod = load_onnx_model("light_resnet50", seed=0)
+    bindings = mod["main"].body.blocks[0].bindings
+    for k in (2, 9):
+        assert isinstance(bindings[k - 1].var.ty, tvm.ir.TupleType)
+        assert isinstance(bindings[k].value, relax.TupleGetItem)
+    cfg = split_module(mod, [2, 9])
+    # Only batch_norm's normalised output crosses, not its mean and variance.
+    assert input_names(cfg.modules[1]) == ["lv1_0"]
+    assert input_names(cfg.modules[2]) == ["lv6", "lv8_0"]  # the block's shortcut, the branch
+    assert_pipeline_same_as_unsplit(mod, [cfg], example_input(mod, seed=0))
+
+
 # ----- refusals
 
 
@@ -435,10 +644,24 @@ def test_stage_without_outputs_is_refused() -> None:
     assert_same_as_unsplit(DeadCode, split_module(DeadCode, [2]))  # the dead binding is dropped
 
 
-def test_tuple_crossing_a_cut_is_refused() -> None:
-    with pytest.raises(ConfigError, match="not a tensor"):
-        split_module(TupleValue, [1])
-    assert_same_as_unsplit(TupleValue, split_module(TupleValue, [3]))  # t[0], t[1] are tensors
+def test_non_tensor_crossing_a_cut_is_refused() -> None:
+    with pytest.raises(
+        ConfigError, match=r"s \(binding 1, R\.Shape.*stage 0 .*stage 1 .*cut at 2; it is not a"
+    ):
+        split_module(ShapeValue, [2])  # s itself
+    with pytest.raises(ConfigError, match=r"ts \(binding 2.*cut at 3; its field \[1\] is R\.Shape"):
+        split_module(ShapeValue, [3])  # ts[1] is read after the cut
+    with pytest.raises(ConfigError, match=r"s2 \(binding 3.*cut at 4; it is not a tensor"):
+        split_module(ShapeValue, [1, 4])
+
+
+def test_tuple_parameter_is_refused() -> None:
+    ty = relax.TensorType((2, 3), "float32")
+    t = relax.Var("t", tvm.ir.TupleType([ty, ty]))
+    body = relax.SeqExpr([], relax.TupleGetItem(t, 0))
+    func = relax.Function([t], body, ty).with_attr("global_symbol", "main")
+    with pytest.raises(ConfigError, match=r"parameter t is .*, not a tensor"):
+        split_module(tvm.IRModule({"main": func}), [])
 
 
 def test_module_without_main_is_refused() -> None:
