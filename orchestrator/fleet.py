@@ -91,9 +91,9 @@ class Fleet:
         elif place.key is not None:
             assert self.plan.tracker is not None
             session = request_from_tracker(stage, self.plan.tracker, place.key, timeout)
-            host, port = self.plan.tracker
-            board = f"a worker with key {place.key!r} at tracker {host}:{port}"
-            relay = {"tracker": [host, port], "key": place.key, "board": board}
+            tracker_host, tracker_port = self.plan.tracker
+            board = f"a worker with key {place.key!r} at tracker {tracker_host}:{tracker_port}"
+            relay = {"tracker": [tracker_host, tracker_port], "key": place.key, "board": board}
         else:
             worker = self._local_worker(stage.name, fresh=fresh_worker)
             session = connect_server(stage, f"{worker.host}:{worker.port}", timeout)
@@ -204,6 +204,8 @@ class Fleet:
                 return name, f"stage {name!r} did not answer ({exc})"
             if where["state"] == "waiting":
                 return name, f"stage {name!r} waits for its part from {', '.join(where['for'])}"
+            if where["state"] == "computing":
+                return name, f"stage {name!r} is still computing it"
             if where["state"] == "unseen":
                 return name, f"stage {name!r} never received it"
         last = self.lib.stages[-1].name

@@ -130,6 +130,7 @@ class Stage:
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._sent: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._computing: int | None = None  # the input the runner has now
         self._lock = threading.Lock()
 
     def start(
@@ -217,11 +218,13 @@ class Stage:
         return summary
 
     def locate(self, seq: int) -> dict[str, Any]:
-        """Where input ``seq`` is in this stage: waiting for parts, sent, or never seen."""
+        """Where input ``seq`` is in this stage: waiting for parts, computing, sent, or unseen."""
         with self._lock:
             waiting = self._joins.waiting_for(seq)
             if waiting is not None:
                 return {"state": "waiting", "for": waiting}
+            if seq == self._computing:
+                return {"state": "computing"}
             if seq in self._sent:
                 return {"state": "sent"}
         return {"state": "unseen"}
@@ -298,12 +301,14 @@ class Stage:
                 self._put((seq, epoch, payload), 0)
                 continue
             started = time.perf_counter()
+            self._computing = seq
             try:
                 result: Any = self.runner(payload, owned=True)
                 self._check_outputs(result)
             except Exception as exc:
                 result = RemoteError.from_exception(self.name, exc)
             del payload
+            self._computing = None
             elapsed = time.perf_counter() - started
             with self._lock:
                 self.stats.service_times.append(elapsed)

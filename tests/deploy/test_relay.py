@@ -75,7 +75,10 @@ def tvmpipe_workers() -> Iterator[list[str]]:
 
 
 def test_stage_on_a_plain_tvm_server_runs_in_relay_mode(
-    plain_server: str, tvmpipe_workers: list[str], rfc_lib: PipelineLibrary
+    plain_server: str,
+    tvmpipe_workers: list[str],
+    rfc_lib: PipelineLibrary,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     rng = np.random.default_rng(3)
     sets = [[rng.standard_normal((1, 4)).astype("float32") for _ in range(3)] for _ in range(20)]
@@ -90,3 +93,8 @@ def test_stage_on_a_plain_tvm_server_runs_in_relay_mode(
     for (a, b, c), out in zip(sets, outputs, strict=True):
         np.testing.assert_allclose(out[0], rfc_example_reference(a, b, c), rtol=1e-6)
     assert stats["mod2"]["processed"] == len(sets)
+    # relay mode is visible: a warning naming the board, and stats() saying so
+    assert stats["mod2"]["mode"] == "relay" and stats["mod2"]["board"] == plain_server
+    assert "mode" not in stats["mod1"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("relay mode" in m and plain_server in m for m in warned), warned

@@ -127,10 +127,14 @@ def session_pids(pipe: PipelineModule) -> dict[str, int]:
     return found
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(
+    condition: Callable[[], bool], timeout: float, what: str | Callable[[], str]
+) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        if time.monotonic() >= deadline:
+            text = what if isinstance(what, str) else what()
+            raise AssertionError(f"{text}: not within {timeout} s")
         time.sleep(0.05)
 
 
@@ -456,10 +460,15 @@ def test_frozen_stage_that_thaws_after_being_replaced_does_no_harm(
             frozen.send_signal(signal.SIGSTOP)
             stopped_at = time.monotonic()
             before = len(futures)
+            seen: dict[str, Any] = {}
+
+            def replaced() -> bool:
+                stats = pipe.stats()
+                seen.update(mod2=stats["stages"]["mod2"], client=stats["client"])
+                return stats["stages"]["mod2"].get("pid", old_pid) != old_pid
+
             wait_until(
-                lambda: session_pids(pipe).get("mod2", old_pid) != old_pid,
-                REPLACED_S,
-                "the frozen mod2 replaced",
+                replaced, REPLACED_S, lambda: f"the frozen mod2 replaced (last stats: {seen})"
             )
             replaced_after = time.monotonic() - stopped_at
             frozen.send_signal(signal.SIGCONT)

@@ -421,7 +421,9 @@ def test_tracker_keys(
         on_b = {w.pid for w in worker_factory(1, tracker=tracker, key=KEY_B)}
         sets = rfc_sets(9, 10)
         with PipelineModule(lib, tracker=tracker) as pipe:
-            parents = [psutil.Process(s.remote_pid or 0).ppid() for s in pipe._fleet.stage_sessions()]
+            parents = [
+                psutil.Process(s.remote_pid or 0).ppid() for s in pipe._fleet.stage_sessions()
+            ]
             assert parents[0] in on_a
             assert parents[1] in on_b
             assert parents[2] in on_a

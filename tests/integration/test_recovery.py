@@ -213,3 +213,31 @@ def test_restarts_run_out(lib: PipelineLibrary) -> None:
             while time.monotonic() < deadline:  # the dying session may still answer a while
                 pipe.submit(sets[2]).result(10)
                 time.sleep(0.05)
+
+
+def test_a_stage_lost_while_the_tracker_is_down_is_reported_within_five_seconds(
+    keyed_lib: PipelineLibrary, tracker: tuple[str, int], worker_factory: WorkerFactory
+) -> None:
+    """restart=True cannot place the stage again without a tracker: it says so in 5 s."""
+    worker_factory(4, tracker=tracker, key="cpu")
+    sets = input_sets(10, seed=10)
+    with PipelineModule(keyed_lib, tracker=tracker, restart=True) as pipe:
+        np.testing.assert_allclose(pipe.submit(sets[0]).result(30)[0], expected(sets[0]))
+        listening = [
+            c.pid
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == tracker[1]
+        ]
+        assert listening and listening[0] is not None
+        os.killpg(os.getpgid(listening[0]), signal.SIGKILL)  # the fixture's own session
+        victim = pipe._fleet.stage_sessions()[1]
+        assert victim.remote_pid is not None
+        futures = [pipe.submit(inputs) for inputs in sets[1:]]
+        os.kill(victim.remote_pid, signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(StageLostError, match="tracker") as caught:
+            futures[-1].result(30)
+        elapsed = time.monotonic() - started
+        print(f"lost stage with the tracker down reported after {elapsed:.2f} s: {caught.value}")
+        assert caught.value.stage == "mod2"
+        assert elapsed < 5.0

@@ -59,7 +59,14 @@ def assert_same_tensors(got: dict[str, np.ndarray], want: dict[str, np.ndarray])
 
 
 def header(**fields: Any) -> dict[str, Any]:
-    base: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": 1, "seq": 0, "ep": 0, "from": "s", "tensors": []}
+    base: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "t": 1,
+        "seq": 0,
+        "ep": 0,
+        "from": "s",
+        "tensors": [],
+    }
     base.update(fields)
     return base
 
