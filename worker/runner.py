@@ -21,6 +21,9 @@ import tvm_ffi
 from tvm import relax
 
 _LINK_LOCK = threading.Lock()
+_CPU = 1  # DLPack's kDLCPU
+ALIGNMENT = 64  # bytes: what TVM's kernels assume of their inputs
+LARGE_BYTES = 1 << 20  # a result this large makes the next call use a fresh VM
 
 
 def tvm_device(kind: str) -> Any:
@@ -77,7 +80,7 @@ class Runner(Protocol):
 
     def set_params(self, params: Mapping[str, np.ndarray]) -> None: ...
 
-    def __call__(self, inputs: Mapping[str, Any]) -> list[np.ndarray]: ...
+    def __call__(self, inputs: Mapping[str, Any], owned: bool = False) -> list[np.ndarray]: ...
 
 
 class StageRunner:
@@ -85,6 +88,9 @@ class StageRunner:
 
     ``input_names`` is the order the stage takes its inputs in; ``params`` are parameter-group
     weights that the stage feeds itself and that ``set_params`` may replace between inputs.
+    A Relax stage on the CPU holds at most two copies of a large tensor: the input until it is
+    on the device (``owned=True`` frees the received frame then), and the VM's output, which
+    is returned as a view, not copied.
     """
 
     def __init__(
@@ -102,9 +108,12 @@ class StageRunner:
         self._params: dict[str, Any] = {}
         self.device = None
         if kind == "relax":
-            self.device = tvm_device(device)
-            self._vm = relax.VirtualMachine(load_relax_library(artifact), self.device)
-            self._main = self._vm["main"]
+            self.device = dev = tvm_device(device)
+            self._library = load_relax_library(artifact)
+            # On the CPU the naive allocator frees a tensor's memory when the tensor dies; the
+            # pooled one would keep a large output resident, a third copy, between inputs.
+            self._memory = "naive" if dev.dlpack_device_type() == _CPU else None
+            self._main: Any = None  # made by _vm_main, dropped after a large result
             self.set_params(params or {})
         elif kind == "python":
             assert python_entry is not None
@@ -129,28 +138,85 @@ class StageRunner:
     def param_names(self) -> frozenset[str]:
         return frozenset(self._params)
 
-    def __call__(self, inputs: Mapping[str, Any]) -> list[np.ndarray]:
+    def __call__(self, inputs: Mapping[str, Any], owned: bool = False) -> list[np.ndarray]:
+        """The stage's outputs for ``inputs`` (by name), as numpy arrays.
+
+        ``owned=True``: the runner takes ownership of ``inputs``, a dict that the caller keeps no
+        other reference to and does not use afterwards. Each input is popped as it goes to the
+        device, so that a received frame is freed as soon as it is copied. Otherwise ``inputs``
+        is left as it is. On the CPU the outputs are views of the VM's tensors, not copies.
+        """
         if self.kind == "python":
             return _as_outputs(self._function(**inputs))
+        take = inputs.pop if owned and isinstance(inputs, dict) else inputs.__getitem__
         with self._params_lock:
             params = self._params
         args = [
-            params[name] if name in params else _to_device(inputs[name], self.device)
+            params[name] if name in params else _to_device(take(name), self.device)
             for name in self.input_names
         ]
-        return _as_outputs(self._main(*args))
+        main = self._vm_main()
+        result = main(*args)
+        del args  # the inputs' device copies
+        outputs = [_to_host(item) for item in _items(result)]
+        if sum(out.nbytes for out in outputs) >= LARGE_BYTES:
+            # The VM keeps its last result alive until its next call; a fresh VM next time lets
+            # this one go as soon as the caller is done with it (about 40 us per VM).
+            self._main = None
+        return outputs
+
+    def _vm_main(self) -> Any:
+        if self._main is None:
+            vm = relax.VirtualMachine(self._library, self.device, memory_cfg=self._memory)
+            self._main = vm["main"]
+        return self._main
 
 
 def _to_device(value: Any, device: Any) -> Any:
+    """``value`` as a tensor on ``device``: in place where TVM can use it there, else copied.
+
+    TVM's kernels assume 64-byte aligned inputs (a misaligned one crashes them), and ZeroMQ's
+    frames are only 8-byte aligned, so received tensors are copied; TVM's own outputs (one
+    stage feeding the next in ``run_local``) are used in place.
+    """
     if isinstance(value, tvm.runtime.Tensor) and value.device == device:
         return value
-    return tvm.runtime.tensor(np.ascontiguousarray(value), device)
+    array = np.asarray(value)
+    if (
+        device.dlpack_device_type() == _CPU
+        and array.dtype.kind in "iuf"
+        and array.flags.c_contiguous
+        and array.ctypes.data % ALIGNMENT == 0
+    ):
+        try:  # max_version: numpy exports a read-only array only through DLPack 1.0
+            return tvm_ffi.from_dlpack(
+                array.__dlpack__(max_version=(1, 0)),
+                require_alignment=ALIGNMENT,
+                require_contiguous=True,
+            )
+        except (BufferError, TypeError, ValueError, RuntimeError):
+            pass  # an older numpy, or a dtype DLPack lacks: copy
+    return tvm.runtime.tensor(np.ascontiguousarray(array), device)
+
+
+def _items(result: Any) -> list[Any]:
+    """A stage's result as a list, one item per output: tuples flattened once."""
+    return list(result) if isinstance(result, (tuple, tvm_ffi.Array)) else [result]
 
 
 def _as_outputs(result: Any) -> list[np.ndarray]:
-    """A stage's result as a list of numpy arrays: one per output, tuples flattened once."""
-    items = list(result) if isinstance(result, (tuple, tvm_ffi.Array)) else [result]
-    return [_to_numpy(item) for item in items]
+    """A Python stage's result as a list of numpy arrays."""
+    return [_to_numpy(item) for item in _items(result)]
+
+
+def _to_host(value: Any) -> np.ndarray:
+    """A CPU tensor is viewed where it is (the view keeps it alive); others are copied to host."""
+    if isinstance(value, tvm.runtime.Tensor) and value.device.dlpack_device_type() == _CPU:
+        try:
+            return np.from_dlpack(value)
+        except (BufferError, TypeError, ValueError, RuntimeError):
+            pass  # a dtype numpy cannot take through DLPack (bfloat16): .numpy() converts it
+    return _to_numpy(value)
 
 
 def _to_numpy(value: Any) -> np.ndarray:

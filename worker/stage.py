@@ -56,6 +56,7 @@ POLL_MS = 50
 QUEUE_DEPTH = 4  # outputs waiting to be sent
 QUEUE_BYTES = 64 << 20  # all that a stage buffers: sockets, partial sets and send queue
 HWM = 16  # the most ZeroMQ messages a socket buffers, however small
+UNKNOWN_SIZE_HWM = 2  # from a sender whose tensors' sizes are not known (a Python stage's)
 LINGER_MS = 1000
 SAMPLES = 4096  # service times kept for the mean and p99
 SENT_KEPT = 4096  # sequence numbers remembered as sent, for locate()
@@ -158,7 +159,8 @@ class Stage:
             pull = self._context.socket(zmq.PULL)
             pull.setsockopt(zmq.MAXMSGSIZE, limit)
             per_sender = quarter // len(senders)
-            pull.setsockopt(zmq.RCVHWM, max(1, min(HWM, per_sender // max(1, max_frame))))
+            hwm = min(HWM, per_sender // max_frame) if max_frame > 0 else UNKNOWN_SIZE_HWM
+            pull.setsockopt(zmq.RCVHWM, max(1, hwm))
             pull.setsockopt(zmq.LINGER, 0)
             port = pull.bind_to_random_port(f"tcp://{self._bind_host}")
             self._pulls[sender] = pull
@@ -317,6 +319,7 @@ class Stage:
                 else:
                     self.stats.processed += 1
             self._put((seq, epoch, result), _nbytes(result))
+            del result  # the send thread holds it now: the only copy
 
     def _check_outputs(self, outputs: list[np.ndarray]) -> None:
         wanted = max((i for dest in self._destinations for i, _ in dest.tensors), default=-1)
@@ -344,6 +347,7 @@ class Stage:
                     return
                 with self._lock:
                     self.stats.bytes_out += size
+                del frames
             del result
             with self._lock:
                 self.stats.sent += 1
