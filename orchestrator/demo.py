@@ -273,9 +273,7 @@ def _plural(n: int, word: str) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="tvmpipe demo", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="tvmpipe demo", description=__doc__.splitlines()[0])
     parser.add_argument("--inputs", type=int, default=64, help="inputs to stream (default 64)")
     parser.add_argument("--stages", type=int, default=3, help="pipeline stages (default 3)")
     parser.add_argument("--model", default="light_squeezenet", help="an onnx 'light' model")

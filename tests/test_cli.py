@@ -128,6 +128,7 @@ def test_tvmpipe_help_imports_no_tvm() -> None:
 
 # ----- each command's help names the command
 
+
 @pytest.mark.parametrize("command", COMMANDS)
 def test_command_help_names_the_command(command: str) -> None:
     result = run(tvmpipe(command, "--help"))
