@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint demo bench soak clean
+.PHONY: venv test lint demo bench soak chaos clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: $(STAMP)
 # Not part of `make test`: streams 100,000 inputs and checks that fds and memory stay flat.
 soak: $(STAMP)
 	$(VENV)/bin/tvmpipe soak
+
+# Restart under faults: 20 rounds of 1,000 inputs with random kills and freezes of workers and
+# sessions; prints lost, duplicated, wrong and misordered results (all must be 0).
+chaos: $(STAMP)
+	TVMPIPE_CHAOS_ROUNDS=$${TVMPIPE_CHAOS_ROUNDS:-20} $(PY) -m pytest -s -p no:cacheprovider tests/integration/test_chaos.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

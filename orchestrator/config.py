@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import tvm
+from tvm.relax.pipeline import PIPELINE_MAP
 
 from tvmpipe.proto.errors import ConfigError
 
@@ -54,6 +55,8 @@ class ModuleSettings:
         self._cpu_affinity: str | None = None
         self._num_threads: int | None = None
         self._params: dict[str, np.ndarray] = {}
+        self._build_func: Callable[[tvm.IRModule, tvm.target.Target], Any] | None = None
+        self._relax_pipeline: Any = "default"
 
     def _label(self) -> str:
         return self._config.name_of(self._module)
@@ -154,6 +157,53 @@ class ModuleSettings:
             checked[pname] = array
         self._params = checked
 
+    @property
+    def build_func(self) -> Callable[[tvm.IRModule, tvm.target.Target], Any] | None:
+        """``f(mod, target)`` returning what ``tvm.compile`` returns; None: ``tvm.compile``."""
+        return self._build_func
+
+    @build_func.setter
+    def build_func(self, value: Callable[[tvm.IRModule, tvm.target.Target], Any] | None) -> None:
+        if value is not None:
+            self._check_compiled("build_func")
+            if not callable(value):
+                raise ConfigError(
+                    f"{self._label()}: build_func must be callable as f(mod, target); got {value!r}"
+                )
+            if not _is_default_pipeline(self._relax_pipeline):
+                raise ConfigError(
+                    f"{self._label()}: build_func replaces the default compile, so the "
+                    f"relax_pipeline already set would be ignored; set one or the other"
+                )
+        self._build_func = value
+
+    @property
+    def relax_pipeline(self) -> Any:
+        """``tvm.compile(..., relax_pipeline=...)``; a parallel build runs it in a forked child."""
+        return self._relax_pipeline
+
+    @relax_pipeline.setter
+    def relax_pipeline(self, value: Any) -> None:
+        if not _is_default_pipeline(value):
+            self._check_compiled("relax_pipeline")
+            named = isinstance(value, str) and value in PIPELINE_MAP
+            if not (value is None or callable(value) or named):
+                raise ConfigError(
+                    f"{self._label()}: relax_pipeline must be a tvm.transform.Pass, a callable "
+                    f"mod -> mod, None (no Relax passes) or a pipeline name "
+                    f"({', '.join(sorted(PIPELINE_MAP))}); got {value!r}"
+                )
+            if self._build_func is not None:
+                raise ConfigError(
+                    f"{self._label()}: build_func replaces the default compile, so a "
+                    f"relax_pipeline would be ignored; set one or the other"
+                )
+        self._relax_pipeline = value
+
+    def _check_compiled(self, what: str) -> None:
+        if not is_relax_module(self._module):
+            raise ConfigError(f"{self._label()}: only a Relax module is compiled; {what} is unused")
+
 
 class _Inputs(MutableMapping[str, tuple[Any, str]]):
     """``cfg.inputs[name] = (module, param)``, checked on assignment."""
@@ -248,6 +298,10 @@ class _ParamGroups(MutableMapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+def _is_default_pipeline(value: Any) -> bool:
+    return isinstance(value, str) and value == "default"
 
 
 def _valid_cores(spec: str) -> bool:

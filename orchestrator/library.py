@@ -65,6 +65,10 @@ class StageInfo:
     param_group: str | None = None
     params_file: str | None = None
     params_sha256: str | None = None
+    # How a custom compile was asked for (e.g. "mymodule.tune_and_build"); None: tvm.compile's
+    # default. Packages written before these fields existed load with None.
+    build_func: str | None = None
+    relax_pipeline: str | None = None
 
     @property
     def input_names(self) -> list[str]:

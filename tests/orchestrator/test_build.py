@@ -1,9 +1,13 @@
 """build_pipeline and run_local: results against numpy, stage signatures, params, parameter
-groups, Python stages, cross-compiled stages, parallel compiles and compile failures."""
+groups, Python stages, cross-compiled stages, parallel compiles, compile failures and per-stage
+build functions and Relax pipelines."""
 
 from __future__ import annotations
 
 import gc
+import json
+import os
+import signal
 import tarfile
 import tempfile
 import threading
@@ -27,6 +31,7 @@ from modules import (
     wire_old_tvm_test,
     wire_rfc_example,
 )
+from tvm import relax
 
 from tvmpipe.orchestrator import (
     BuildError,
@@ -36,6 +41,7 @@ from tvmpipe.orchestrator import (
     PipelineLibrary,
     PipelineModuleConfig,
     build_pipeline,
+    load_library,
 )
 from tvmpipe.orchestrator import build as build_module
 from tvmpipe.orchestrator.signature import TensorSpec
@@ -481,3 +487,152 @@ def test_failed_build_removes_its_build_directory(
         del err
         gc.collect()
     assert leftovers == []
+
+
+def test_compiler_process_that_dies_names_the_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    if threading.active_count() > 1:
+        pytest.skip("stages compile in this process while other threads run")
+    real_compile_one = build_module._compile_one
+
+    def crash_on_mod2(job: build_module._CompileJob) -> None:
+        if job.stage == "mod2":
+            os.kill(os.getpid(), signal.SIGSEGV)
+        real_compile_one(job)
+
+    monkeypatch.setattr(build_module, "_compile_one", crash_on_mod2)
+    with pytest.raises(BuildError, match="stage 'mod2': the compiler process died of SIGSEGV"):
+        build(rfc_config())
+
+
+# ----- per-stage build functions and Relax pipelines
+
+
+@pytest.mark.parametrize("jobs", [None, 1], ids=["default-jobs", "jobs-1"])
+def test_build_func_replaces_the_default_compile(
+    jobs: int | None, rfc_lib: PipelineLibrary, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    cfg = rfc_config()
+    calls: list[tuple[str, str]] = []
+
+    def compile_and_record(mod: tvm.IRModule, target: tvm.target.Target) -> object:
+        stage = next(cfg.name_of(m) for m in cfg.modules if m is mod)
+        calls.append((stage, target.kind.name))
+        return tvm.compile(mod, target)
+
+    first, _, third = cfg.topological_order()
+    cfg[first].build_func = compile_and_record  # a closure: it runs in this process
+    cfg[third].build_func = lambda mod, target: compile_and_record(mod, target)
+    lib = build(cfg, jobs=jobs)
+    try:
+        assert sorted(calls) == [("mod1", "llvm"), ("mod3", "llvm")]
+        for _ in range(3):
+            inputs = rfc_inputs(rng)
+            np.testing.assert_array_equal(lib.run_local(inputs)[0], rfc_lib.run_local(inputs)[0])
+        described = [s.build_func for s in lib.stages]
+        assert described[0] is not None and described[0].endswith("compile_and_record")
+        assert described[1] is None
+        assert described[2] is not None and "<lambda>" in described[2]
+        loaded = load_library(lib.export_library(tmp_path / "pkg"))
+        assert [s.build_func for s in loaded.stages] == described
+    finally:
+        lib.close()
+
+
+@pytest.mark.parametrize("jobs", [None, 1], ids=["default-jobs", "jobs-1"])
+def test_build_func_that_raises_names_the_stage(jobs: int | None) -> None:
+    cfg = rfc_config()
+    middle = cfg.topological_order()[1]
+
+    def broken(mod: tvm.IRModule, target: tvm.target.Target) -> object:
+        raise RuntimeError("tuning database unreachable")
+
+    cfg[middle].build_func = broken
+    with pytest.raises(BuildError) as err:
+        build(cfg, jobs=jobs)
+    assert "stage 'mod2' failed to compile" in str(err.value)
+    assert "tuning database unreachable" in str(err.value)
+    assert isinstance(err.value.__cause__, RuntimeError)
+    assert "'mod1'" not in str(err.value) and "'mod3'" not in str(err.value)
+
+
+def test_build_func_must_return_an_exportable_module() -> None:
+    cfg = rfc_config()
+    cfg[cfg.topological_order()[2]].build_func = lambda mod, target: mod  # not compiled
+    with pytest.raises(BuildError) as err:
+        build(cfg)
+    assert "stage 'mod3' failed to compile" in str(err.value)
+    assert "build_func returned IRModule, not a compiled module" in str(err.value)
+    assert isinstance(err.value.__cause__, TypeError)
+
+
+def test_build_options_are_checked_where_they_are_set() -> None:
+    cfg = rfc_config()
+    mod = cfg.topological_order()[0]
+    with pytest.raises(ConfigError, match=r"mod1: build_func must be callable as f\(mod, target\)"):
+        cfg[mod].build_func = "tvm.compile"
+    with pytest.raises(ConfigError, match=r"mod1: relax_pipeline must be .* got 'fastest'"):
+        cfg[mod].relax_pipeline = "fastest"
+    with pytest.raises(ConfigError, match="only a Relax module is compiled; build_func"):
+        cfg[postprocess].build_func = tvm.compile
+    with pytest.raises(ConfigError, match="only a Relax module is compiled; relax_pipeline"):
+        cfg[postprocess].relax_pipeline = "zero"
+    assert cfg[mod].build_func is None and cfg[mod].relax_pipeline == "default"
+
+    cfg[mod].relax_pipeline = "default_build"
+    with pytest.raises(ConfigError, match="mod1: build_func replaces the default compile"):
+        cfg[mod].build_func = tvm.compile
+    cfg[mod].relax_pipeline = "default"
+    cfg[mod].build_func = tvm.compile
+    with pytest.raises(ConfigError, match="mod1: build_func replaces the default compile"):
+        cfg[mod].relax_pipeline = relax.get_pipeline("default")
+    cfg[mod].build_func = None
+    cfg[mod].relax_pipeline = relax.get_pipeline("default")
+
+
+@pytest.mark.parametrize("jobs", [None, 1], ids=["default-jobs", "jobs-1"])
+def test_custom_relax_pipeline_is_used(
+    jobs: int | None, rfc_lib: PipelineLibrary, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    log = tmp_path / "pipeline.log"  # a file: with jobs > 1 the pipeline runs in a child
+
+    def logged_default(mod: tvm.IRModule) -> tvm.IRModule:
+        lowered = relax.get_pipeline("default")(mod)
+        with log.open("a") as f:
+            f.write(",".join(sorted(gv.name_hint for gv in lowered.get_global_vars())) + "\n")
+        return lowered
+
+    cfg = rfc_config()
+    first, second, _ = cfg.topological_order()
+    cfg[first].relax_pipeline = logged_default
+    cfg[second].relax_pipeline = "default_build"
+    lib = build(cfg, jobs=jobs)
+    try:
+        (lowered_functions,) = log.read_text().splitlines()  # mod1's, once
+        assert "main" in lowered_functions.split(",") and "add" in lowered_functions
+        assert [s.relax_pipeline for s in lib.stages] == [
+            f"{__name__}.test_custom_relax_pipeline_is_used.<locals>.logged_default",
+            "default_build",
+            None,
+        ]
+        inputs = rfc_inputs(rng)
+        np.testing.assert_array_equal(lib.run_local(inputs)[0], rfc_lib.run_local(inputs)[0])
+    finally:
+        lib.close()
+
+
+def test_package_without_build_options_still_loads(
+    rfc_lib: PipelineLibrary, rng: np.random.Generator, tmp_path: Path
+) -> None:
+    """Packages written before build_func and relax_pipeline were recorded."""
+    package = rfc_lib.export_library(tmp_path / "old")
+    manifest = json.loads((package / "pipeline.json").read_text())
+    for stage in manifest["stages"]:
+        del stage["build_func"], stage["relax_pipeline"]
+    (package / "pipeline.json").write_text(json.dumps(manifest))
+    loaded = load_library(package)
+    try:
+        assert [(s.build_func, s.relax_pipeline) for s in loaded.stages] == [(None, None)] * 3
+        inputs = rfc_inputs(rng)
+        np.testing.assert_array_equal(loaded.run_local(inputs)[0], rfc_lib.run_local(inputs)[0])
+    finally:
+        loaded.close()
