@@ -58,6 +58,7 @@ HWM = 64
 LINGER_MS = 1000
 QUEUE_BYTES = 64 << 20  # what each stage may buffer, queues and sockets together
 MAX_RESTARTS = 10
+RESULT_TIMEOUT_S = 60.0
 
 
 class PipelineModule:
@@ -73,7 +74,7 @@ class PipelineModule:
     ``deploy_timeout`` bounds placing each stage. ``restart=True`` deploys a lost stage again
     (at most ``max_restarts`` times) and sends the inputs in flight again; it keeps a copy of
     every input until its result arrives. An input whose result has not come ``result_timeout``
-    seconds (default: ``timeout``) after it was sent, while no other result came either, is
+    seconds (60) after it was sent, while no other result came either, is
     sent again (``restart=True``) or fails with ResultTimeoutError. ``queue_bytes`` bounds what
     each stage buffers; ``window`` bounds the inputs in flight and those queued by set_input.
     """
@@ -93,7 +94,7 @@ class PipelineModule:
         max_restarts: int = MAX_RESTARTS,
         queue_bytes: int = QUEUE_BYTES,
         deploy_timeout: float = REQUEST_TIMEOUT_S,
-        result_timeout: float | None = None,
+        result_timeout: float = RESULT_TIMEOUT_S,
     ):
         if sum(x is not None for x in (servers, tracker, cluster)) > 1:
             raise ValueError("give at most one of servers, tracker and cluster")
@@ -101,7 +102,7 @@ class PipelineModule:
             raise ValueError(f"window must be at least 1, got {window}")
         if queue_bytes < 1 << 16:
             raise ValueError(f"queue_bytes must be at least 64 KiB, got {queue_bytes}")
-        if deploy_timeout <= 0 or (result_timeout is not None and result_timeout <= 0):
+        if deploy_timeout <= 0 or result_timeout <= 0:
             raise ValueError("deploy_timeout and result_timeout must be positive")
         self.lib = lib if isinstance(lib, PipelineLibrary) else load_library(lib)
         if cluster is not None:
@@ -112,7 +113,7 @@ class PipelineModule:
         bind_host = bind_host or plan.bind_host or client_host
         self.window = window
         self.timeout = timeout
-        self.result_timeout = result_timeout or timeout
+        self.result_timeout = result_timeout
         self.queue_bytes = queue_bytes
         self.wiring = Wiring(self.lib)
         self._closed = False
