@@ -201,28 +201,40 @@ def test_info_prints_a_package(tmp_path: Path) -> None:
     assert "output 0 <- mod1.output(0)" in result.stdout
 
 
-def test_info_on_missing_and_damaged_packages_prints_one_line(tmp_path: Path) -> None:
-    missing = tmp_path / "nowhere"
+def info_here(package: Path, capsys: pytest.CaptureFixture[str]) -> str:
+    """``tvmpipe info PACKAGE`` in this process (the command itself, without a new interpreter):
+    its one line on stderr, after checking it failed without a traceback."""
+    from tvmpipe.orchestrator.cli import main
+
+    code = main(["info", str(package)])
+    out, err = capsys.readouterr()
+    assert code not in (0, None), out
+    assert err.startswith("tvmpipe info: ") and err.count("\n") == 1, err
+    assert "Traceback" not in out + err
+    return err
+
+
+def test_info_on_missing_and_damaged_packages_prints_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nowhere"  # the real command, once
     line = assert_one_line_error(run(tvmpipe("info", str(missing))), "tvmpipe info: ")
     assert str(missing) in line and "no pipeline.json" in line
 
     package = write_package(tmp_path / "pkg")
     (package / "mod1.py").write_text("def double(x):\n    return x * 3\n")
-    line = assert_one_line_error(run(tvmpipe("info", str(package))), "tvmpipe info: ")
-    assert "mod1.py is damaged" in line
+    assert "mod1.py is damaged" in info_here(package, capsys)
 
     not_json = write_package(tmp_path / "not_json")
     (not_json / "pipeline.json").write_text("{ this is not json")
-    line = assert_one_line_error(run(tvmpipe("info", str(not_json))), "tvmpipe info: ")
-    assert "not valid JSON" in line
+    assert "not valid JSON" in info_here(not_json, capsys)
 
     wrong_type = write_package(tmp_path / "wrong_type")
     edit_manifest(wrong_type, outputs=[{"stage": "mod1", "index": "first"}])
-    assert_one_line_error(run(tvmpipe("info", str(wrong_type))), "tvmpipe info: ")
+    info_here(wrong_type, capsys)
 
     old_tvm = write_package(tmp_path / "old_tvm", tvm_version="0.1.0")
-    line = assert_one_line_error(run(tvmpipe("info", str(old_tvm))), "tvmpipe info: ")
-    assert "apache-tvm 0.1.0" in line
+    assert "apache-tvm 0.1.0" in info_here(old_tvm, capsys)
 
 
 # ----- tvmpipe-worker

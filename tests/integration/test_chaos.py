@@ -18,7 +18,7 @@ client's loss deadline (about 2 s) is replaced and thaws later. Every process st
 its SIGCONT in a ``finally``.
 
 ``TVMPIPE_CHAOS_SEED=N`` replays a seed (the faults chosen and when; timing still varies),
-``TVMPIPE_CHAOS_ROUNDS=N`` runs N rounds (6 in ``make test``, 20 in ``make chaos``);
+``TVMPIPE_CHAOS_ROUNDS=N`` runs N rounds (4 in ``make test``, 20 in ``make chaos``);
 ``pytest -s`` prints each round.
 """
 
@@ -44,7 +44,7 @@ from tvmpipe.orchestrator import PipelineLibrary, PipelineModule
 from tvmpipe.proto.errors import PipelineError, StageLostError, TvmpipeError
 
 SEED = int(os.environ.get("TVMPIPE_CHAOS_SEED", "20250611"))
-ROUNDS = int(os.environ.get("TVMPIPE_CHAOS_ROUNDS", "6"))  # make chaos: 20
+ROUNDS = int(os.environ.get("TVMPIPE_CHAOS_ROUNDS", "4"))  # make chaos: 20
 INPUTS = 1000
 WINDOW = 256  # inputs in flight: enough to keep three tiny stages busy
 MAX_RESTARTS = 1000
