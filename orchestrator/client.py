@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zmq
@@ -53,6 +53,9 @@ from .sequencer import InFlight, Sequencer
 from .signature import TensorSpec
 from .wiring import CLIENT, Wiring
 
+if TYPE_CHECKING:
+    from .plan import Plan
+
 POLL_MS = 50
 HWM = 64
 LINGER_MS = 1000
@@ -71,6 +74,7 @@ class PipelineModule:
     mode. ``client_host`` is the address the last stages send results to (this machine as the
     workers see it); ``bind_host`` is where this process listens (default: ``client_host``).
 
+    ``plan=`` (from ``plan_pipeline``) puts each stage where the plan says.
     ``deploy_timeout`` bounds placing each stage. ``restart=True`` deploys a lost stage again
     (at most ``max_restarts`` times) and sends the inputs in flight again; it keeps a copy of
     every input until its result arrives. An input whose result has not come ``result_timeout``
@@ -95,9 +99,15 @@ class PipelineModule:
         queue_bytes: int = QUEUE_BYTES,
         deploy_timeout: float = REQUEST_TIMEOUT_S,
         result_timeout: float = RESULT_TIMEOUT_S,
+        plan: Plan | None = None,
     ):
         if sum(x is not None for x in (servers, tracker, cluster)) > 1:
             raise ValueError("give at most one of servers, tracker and cluster")
+        if plan is not None:
+            if any(x is not None for x in (servers, tracker, cluster)):
+                raise ValueError("give either plan or servers, tracker and cluster, not both")
+            placed = plan.placement()
+            servers, tracker = placed.get("servers"), placed.get("tracker")
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         if queue_bytes < 1 << 16:
@@ -106,11 +116,11 @@ class PipelineModule:
             raise ValueError("deploy_timeout and result_timeout must be positive")
         self.lib = lib if isinstance(lib, PipelineLibrary) else load_library(lib)
         if cluster is not None:
-            plan = load_cluster(cluster, self.lib)
+            places = load_cluster(cluster, self.lib)
         else:
-            plan = plan_from_arguments(self.lib, servers, tracker)
-        client_host = client_host or plan.client_host or "127.0.0.1"
-        bind_host = bind_host or plan.bind_host or client_host
+            places = plan_from_arguments(self.lib, servers, tracker)
+        client_host = client_host or places.client_host or "127.0.0.1"
+        bind_host = bind_host or places.bind_host or client_host
         self.window = window
         self.timeout = timeout
         self.result_timeout = result_timeout
@@ -140,7 +150,7 @@ class PipelineModule:
         self._pull.setsockopt(zmq.LINGER, 0)
         port = self._pull.bind_to_random_port(f"tcp://{bind_host}")
         self.address = f"tcp://{client_host}:{port}"
-        self._fleet = Fleet(self.lib, plan, self.wiring, bind_host, client_host, deploy_timeout)
+        self._fleet = Fleet(self.lib, places, self.wiring, bind_host, client_host, deploy_timeout)
         self._monitor: StageMonitor | None = None
         self._recovery: Recovery | None = None
         self._receiver: threading.Thread | None = None

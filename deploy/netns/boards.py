@@ -13,13 +13,21 @@ every namespace, link and the bridge; it also runs when the ``with`` block fails
         boards.shape("b2", "8mbit")          # both directions of board 2's link
         boards.cut_link("b3"); boards.restore_link("b3")
 
-Needs root, iproute2 (``ip``, ``tc``) and ``tornado`` (TVM's tracker imports it). Each instance
+Unlike boards: ``rates`` shapes each board's link, ``cpus`` gives each board a CPU quota in cores
+(a cgroup v1 ``cpu`` group per board, ``tvmpipe-<prefix>-bK``, that its worker and the session
+processes the worker forks run in; None: no limit):
+
+    SimulatedBoards(["big", "little"], rates=["100mbit", "8mbit"], cpus=[1.0, 0.4])
+
+Needs root, iproute2 (``ip``, ``tc``) and ``tornado`` (TVM's tracker imports it); ``cpus`` also
+needs the cgroup v1 cpu controller (``cpu_cgroups_unavailable()`` says why not). Each instance
 gets its own prefix and /24 so that runs can go on side by side; a set left behind by a run
 that crashed (its process is gone) is removed when the next one starts.
 
 By hand (keeps the boards up until Ctrl-C and prints how to reach them):
 
-    sudo .venv/bin/python deploy/netns/boards.py --keys big,big,little --rate 20mbit
+    sudo .venv/bin/python deploy/netns/boards.py --keys big,big,little --rate 20mbit \
+        --cpu 1.0,1.0,0.4
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import psutil
 
@@ -52,7 +60,10 @@ TRACKER_PORT = 9190  # the tracker has its namespace to itself, so a fixed port 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
 SUBNET_BASE = "10.77"
-PREFIX_RE = re.compile(r"^tvp([0-9a-z]{5})[0-9a-z]{1,2}-(?:tr|br|b\d+)$")
+PREFIX_RE = re.compile(r"^(?:tvmpipe-)?tvp([0-9a-z]{5})[0-9a-z]{1,2}-(?:tr|br|b\d+)$")
+# cgroup v1 cpu controller; boards.sh reads the same variable
+CGROUP_CPU = Path(os.environ.get("TVMPIPE_CGROUP_CPU", "/sys/fs/cgroup/cpu"))
+CFS_PERIOD_US = 100_000
 _counter = itertools.count()
 
 
@@ -68,6 +79,9 @@ class Board:
     key: str
     pid: int | None = None  # the tvmpipe-worker's
     port: int | None = None  # its RPC port
+    rate: str | None = None  # its link's shaping at start (tc units), None: unshaped
+    cpu: float | None = None  # its CPU quota in cores, None: no limit
+    cgroup: Path | None = None  # its cpu cgroup (when started with a quota)
 
 
 @dataclass
@@ -122,15 +136,37 @@ def netns_unavailable() -> str | None:
     return None
 
 
+def cpu_cgroups_unavailable() -> str | None:
+    """Why boards cannot get CPU quotas here (no cgroup v1 cpu controller), or None if they can."""
+    if not (CGROUP_CPU / "cpu.cfs_quota_us").is_file():
+        return (
+            f"CPU quotas for simulated boards need the cgroup v1 cpu controller at {CGROUP_CPU} "
+            "(cpu.cfs_quota_us is missing; set TVMPIPE_CGROUP_CPU if it is mounted elsewhere)"
+        )
+    probe = CGROUP_CPU / f"tvmpipe-probe{os.getpid()}"
+    try:
+        probe.mkdir(exist_ok=True)
+        (probe / "cpu.cfs_quota_us").write_text("50000")
+    except OSError as error:
+        return f"cannot make a CPU-limited cgroup under {CGROUP_CPU}: {error}"
+    finally:
+        with contextlib.suppress(OSError):
+            probe.rmdir()
+    return None
+
+
 def remove_stale_sets() -> list[str]:
-    """Remove the sets of runs whose process is gone (crashed or killed); returns their prefixes."""
+    """Remove the sets of runs whose process is gone (crashed or killed), their namespaces, links
+    and cpu cgroups; returns their prefixes."""
     names = _run("ip", "netns", "list").split()
     names += [line.split(": ")[1].split("@")[0] for line in _run("ip", "-o", "link").splitlines()]
+    with contextlib.suppress(OSError):
+        names += [path.name for path in CGROUP_CPU.glob("tvmpipe-tvp*") if path.is_dir()]
     stale = set()
     for name in names:
         found = PREFIX_RE.match(name)
         if found and not psutil.pid_exists(int(found.group(1), 36)):
-            stale.add(name.split("-")[0])
+            stale.add(name.removeprefix("tvmpipe-").split("-")[0])
     for prefix in sorted(stale):
         _script("down", "--prefix", prefix)
     return sorted(stale)
@@ -149,9 +185,14 @@ class SimulatedBoards:
     """Boards in network namespaces, a tracker, a worker per board; a context manager.
 
     ``keys[i]`` is the tracker key of board ``b{i+1}``. ``rate`` shapes every board's link at
-    start (``shape`` changes one later). Attributes once started: ``tracker`` (host, port),
-    ``controller_address`` (this machine on the boards' bridge: the pipeline's ``client_host``),
-    ``boards`` (list of Board), ``prefix`` and ``subnet``.
+    start, ``rates`` each board's (``rates[i]`` for ``b{i+1}``, None: unshaped); ``shape``
+    changes one later. ``cpu`` limits every board to that many cores (0.4: 40 % of one core),
+    ``cpus`` each board (None: no limit); ``set_cpu`` changes one later. With ``cpu``/``cpus``
+    every board gets a cpu cgroup (a board with None one without a limit), and runs its worker,
+    the worker's sessions and whatever ``spawn`` starts there in it.
+    Attributes once started: ``tracker`` (host, port), ``controller_address`` (this machine on
+    the boards' bridge: the pipeline's ``client_host``), ``boards`` (list of Board), ``prefix``
+    and ``subnet``.
     """
 
     def __init__(
@@ -159,6 +200,9 @@ class SimulatedBoards:
         keys: Sequence[str],
         *,
         rate: str | None = None,
+        rates: Sequence[str | None] | None = None,
+        cpu: float | None = None,
+        cpus: Sequence[float | None] | None = None,
         prefix: str | None = None,
         subnet: str | None = None,
         ready_timeout: float = READY_TIMEOUT_S,
@@ -168,6 +212,11 @@ class SimulatedBoards:
             raise ValueError("SimulatedBoards needs at least one board key")
         self.keys = list(keys)
         self.rate = rate
+        self.rates = _per_board("rate", rate, rates, len(self.keys))
+        self.cpus = _per_board("cpu", cpu, cpus, len(self.keys))
+        for share in self.cpus:
+            if share is not None and not 0.01 <= share <= 1024:
+                raise ValueError(f"a board's cpu share is in cores, 0.01 or more: got {share}")
         self.prefix = prefix or f"tvp{_b36(os.getpid(), 5)}{_b36(next(_counter), 1)}"
         self._subnet = subnet
         self.ready_timeout = ready_timeout
@@ -193,6 +242,10 @@ class SimulatedBoards:
         self._state = "started"
         atexit.register(self.close)
         try:
+            if any(share is not None for share in self.cpus):
+                reason = cpu_cgroups_unavailable()
+                if reason:
+                    raise BoardsError(reason)
             remove_stale_sets()
             _script("down", "--prefix", self.prefix)  # a leftover with our own prefix
             self._up()
@@ -260,6 +313,33 @@ class SimulatedBoards:
     def unshape(self, which: str | int | Board) -> None:
         _script("unshape", self.board(which).name, "--prefix", self.prefix)
 
+    def set_cpu(self, which: str | int | Board, share: float | None) -> None:
+        """Limit a board to ``share`` cores (None: no limit). A board started without a quota
+        gets its cgroup now, and the processes running in it are moved there."""
+        board = self.board(which)
+        _script("cpu", board.name, _share_arg(share), "--prefix", self.prefix)
+        board.cpu = share
+        board.cgroup = CGROUP_CPU / f"tvmpipe-{board.namespace}"
+
+    def cpu_stat(self, which: str | int | Board) -> dict[str, int]:
+        """The board cgroup's ``cpu.stat``: nr_periods, nr_throttled, throttled_time (ns)..."""
+        cgroup = self.board(which).cgroup
+        if cgroup is None:
+            raise BoardsError(f"board {self.board(which).name} has no CPU quota (no cgroup)")
+        return {
+            name: int(value)
+            for name, value in (
+                line.split() for line in (cgroup / "cpu.stat").read_text().splitlines()
+            )
+        }
+
+    def cgroup_pids(self, which: str | int | Board) -> set[int]:
+        """The processes in the board's cpu cgroup (empty without one)."""
+        cgroup = self.board(which).cgroup
+        if cgroup is None:
+            return set()
+        return {int(pid) for pid in (cgroup / "cgroup.procs").read_text().split()}
+
     def cut_link(self, which: str | int | Board) -> None:
         """Take the board's link down (both ends): the board is unreachable until restored."""
         _script("cut", self.board(which).name, "--prefix", self.prefix)
@@ -288,11 +368,15 @@ class SimulatedBoards:
         }
 
     def spawn(
-        self, which: str | int | Board | None, argv: Sequence[str]
+        self, which: str | int | Board | None, argv: Sequence[str], *, stdout_pipe: bool = False
     ) -> subprocess.Popen[bytes]:
-        """Start a command inside a board (None: the tracker's namespace); stopped by close()."""
+        """Start a command inside a board (None: the tracker's namespace); stopped by close().
+
+        It runs in the board's cpu cgroup, if the board has a CPU quota. ``stdout_pipe``: its
+        standard output is ``process.stdout`` (else, like its standard error, a log file)."""
         namespace = f"{self.prefix}-tr" if which is None else self.board(which).namespace
-        return self._spawn(f"{argv[0]} in {namespace}", namespace, argv).process
+        what = f"{argv[0]} in {namespace}"
+        return self._spawn(what, namespace, argv, stdout_pipe=stdout_pipe).process
 
     # ----- start-up steps
     def _up(self) -> None:
@@ -307,7 +391,12 @@ class SimulatedBoards:
                 self.prefix,
                 "--subnet",
                 self.subnet,
-                *(["--rate", self.rate] if self.rate else []),
+                *(["--rate", ",".join(r or "none" for r in self.rates)] if any(self.rates) else []),
+                *(
+                    ["--cpu", ",".join(_share_arg(c) for c in self.cpus)]
+                    if any(c is not None for c in self.cpus)
+                    else []
+                ),
             )
             # Another run may have taken the same /24 at the same moment: then pick another.
             routes = _run("ip", "-4", "route", "show", f"{self.subnet}.0/24").splitlines()
@@ -318,22 +407,34 @@ class SimulatedBoards:
             start += 17
         self.controller_address = f"{self.subnet}.1"
         self.tracker = (f"{self.subnet}.2", TRACKER_PORT)
+        limited = any(share is not None for share in self.cpus)  # then every board has a cgroup
         self.boards = [
-            Board(f"b{i}", f"{self.prefix}-b{i}", f"{self.subnet}.{10 + i}", key)
-            for i, key in enumerate(self.keys, start=1)
+            Board(
+                f"b{i}",
+                f"{self.prefix}-b{i}",
+                f"{self.subnet}.{10 + i}",
+                key,
+                rate=rate,
+                cpu=share,
+                cgroup=CGROUP_CPU / f"tvmpipe-{self.prefix}-b{i}" if limited else None,
+            )
+            for i, (key, rate, share) in enumerate(
+                zip(self.keys, self.rates, self.cpus, strict=True), start=1
+            )
         ]
 
     def _spawn(
         self, what: str, namespace: str, argv: Sequence[str], *, stdout_pipe: bool = False
     ) -> _Child:
-        """Start ``argv`` in ``namespace`` in a process group of its own.
+        """Start ``argv`` in ``namespace`` (and its board's cpu cgroup, if it has one: ``boards.sh
+        exec`` joins it before it execs, so the pid is the command's) in a process group of its own.
 
         Its standard input is a pipe that stays open while this process lives: commands that
         watch it (tvmpipe-worker --exit-with-parent, WITH_PARENT_BOOT) end when this process dies.
         """
         log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
         process = subprocess.Popen(
-            ["ip", "netns", "exec", namespace, *argv],
+            ["bash", str(SCRIPT), "exec", "--prefix", self.prefix, namespace.split("-")[1], *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE if stdout_pipe else log,
             stderr=log,
@@ -425,6 +526,21 @@ class SimulatedBoards:
         return not any(_alive(pid) for pid in child.tree | {process.pid})
 
 
+def _per_board(what: str, every: Any, each: Sequence[Any] | None, count: int) -> list[Any]:
+    """The per-board list from a value for every board or a list with one per board."""
+    if each is None:
+        return [every] * count
+    if every is not None:
+        raise ValueError(f"give {what} (every board) or {what}s (each board), not both")
+    if len(each) != count:
+        raise ValueError(f"{what}s has {len(each)} values for {count} boards")
+    return list(each)
+
+
+def _share_arg(share: float | None) -> str:
+    return "none" if share is None else f"{share:g}"
+
+
 def _processes(pids: set[int]) -> list[psutil.Process]:
     found = []
     for pid in pids:
@@ -461,17 +577,46 @@ def _read_ready_line(child: _Child, deadline: float) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Stand up simulated boards until Ctrl-C.")
     parser.add_argument("--keys", default="big,big,little", help="tracker key per board")
-    parser.add_argument("--rate", help="shape every board's link, e.g. 20mbit")
+    parser.add_argument(
+        "--rate", help="shape the links: one rate for every board or one each, e.g. 20mbit,5mbit"
+    )
+    parser.add_argument(
+        "--cpu",
+        help="CPU quota in cores: one for every board or one each (none: no limit), e.g. 1.0,0.4",
+    )
     parser.add_argument("--prefix", help="names of the namespaces and links (1-10 of [a-z0-9])")
     args = parser.parse_args(argv)
     reason = netns_unavailable()
     if reason:
         parser.exit(1, f"{reason}\n")
-    with SimulatedBoards(args.keys.split(","), rate=args.rate, prefix=args.prefix) as boards:
+    keys = args.keys.split(",")
+
+    def each(text: str | None, parse: Any) -> list[Any] | None:
+        if text is None:
+            return None
+        values = [None if v in ("", "none") else parse(v) for v in text.split(",")]
+        if len(values) == 1:
+            return values * len(keys)
+        if len(values) != len(keys):
+            parser.error(f"{text!r}: give one value, or one per board ({len(keys)})")
+        return values
+
+    try:
+        rates, cpus = each(args.rate, str), each(args.cpu, float)
+    except ValueError as error:
+        parser.error(str(error))
+    if cpus and any(c is not None for c in cpus):
+        reason = cpu_cgroups_unavailable()
+        if reason:
+            parser.exit(1, f"{reason}\n")
+    with SimulatedBoards(keys, rates=rates, cpus=cpus, prefix=args.prefix) as boards:
         host, port = boards.tracker
         print(f"tracker {host}:{port}   controller (client_host) {boards.controller_address}")
         for board in boards.boards:
-            print(f"{board.name}  {board.address}  key={board.key}  worker pid {board.pid}")
+            print(
+                f"{board.name}  {board.address}  key={board.key}  worker pid {board.pid}  "
+                f"link {board.rate or 'unshaped'}  cpu {_share_arg(board.cpu)}"
+            )
         print("Ctrl-C to tear everything down.", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -2,6 +2,8 @@
 
 They need root, iproute2 (``ip``, ``tc``), working ``ip netns add`` and ``tornado`` (TVM's
 tracker imports it); without any of these every test here is skipped, saying which is missing.
+Boards with CPU quotas (``cpus=``) also need the cgroup v1 cpu controller: the tests that use
+the ``cpu_cgroups_available`` fixture are skipped, with the reason, where it is missing.
 After every test, nothing may be left running or open (tests/leaks.py) beyond the module's boards.
 """
 
@@ -50,6 +52,13 @@ def netns_available() -> None:
         pytest.skip(reason)
 
 
+@pytest.fixture(scope="session")
+def cpu_cgroups_available(netns_available: None) -> None:
+    reason = netns.cpu_cgroups_unavailable()
+    if reason:
+        pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def three_boards_module(netns_available: None) -> Iterator[Any]:
     """Tracker + boards b1, b2 (key "big") and b3 (key "little"), shared by a test module."""
@@ -72,7 +81,10 @@ def three_boards(three_boards_module: Any) -> Iterator[Any]:
 
 @pytest.fixture
 def make_boards(netns_available: None) -> Iterator[Callable[..., Any]]:
-    """``make_boards(keys, rate=None)``: a set of its own, torn down after the test."""
+    """``make_boards(keys, **options)``: a set of its own, torn down after the test.
+
+    Options are SimulatedBoards's: ``rate``/``rates`` (links), ``cpu``/``cpus`` (CPU quotas in
+    cores; ask for ``cpu_cgroups_available`` too, so that the test skips without cgroups)."""
     made: list[Any] = []
 
     def make(keys: Sequence[str], **options: Any) -> Any:
