@@ -33,8 +33,9 @@ from .bench_common import (
 from .bench_latency import latency_row
 from .build import build_pipeline
 from .client import PipelineModule
-from .demo import balanced_cuts, binding_costs, mismatches
+from .demo import mismatches
 from .library import PipelineLibrary
+from .macs import balanced_cuts, binding_costs
 from .models import example_input, load_onnx_model
 from .split import split_module
 

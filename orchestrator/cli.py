@@ -1,6 +1,7 @@
 """``tvmpipe``: command-line helpers around pipeline packages and the project's own checks.
 
 tvmpipe info PIPE_DIR     print a package's stages, targets, devices and graph
+tvmpipe plan MODEL [...]  measure a model's pieces on the workers and plan the split
 tvmpipe demo [...]        the demo of ``make demo``
 tvmpipe cluster [...]     a loopback tracker and workers, until Ctrl-C
 tvmpipe bench [...]       the benchmarks of ``make bench``: a table and a JSON file
@@ -22,6 +23,7 @@ PROG = "tvmpipe"
 # One line each, as ``tvmpipe --help`` lists them.
 COMMANDS = {
     "info": "print an exported pipeline package: stages, devices, graph",
+    "plan": "measure a model on the workers and plan where to cut and run it",
     "demo": "run a real network split into stages; check every result",
     "cluster": "run TVM's tracker and tvmpipe workers on loopback until Ctrl-C",
     "bench": "measure tvmpipe against its baselines: a table and a JSON file",
@@ -109,6 +111,75 @@ def _info(path: str) -> int:
     return 0
 
 
+def plan_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"{PROG} plan", description=COMMANDS["plan"] + ".")
+    parser.add_argument("model", help="an .onnx file, or a model of the onnx package (light_...)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--tracker", help="HOST:PORT of TVM's RPC tracker")
+    where.add_argument("--servers", help="comma-separated HOST:PORT of tvmpipe-workers")
+    parser.add_argument("--keys", help="tracker keys to plan over (default: every key)")
+    parser.add_argument("--max-stages", type=int, default=3, help="at most this many (3)")
+    parser.add_argument("--segments", type=int, default=16, help="pieces to measure (16)")
+    parser.add_argument(
+        "--target",
+        action="append",
+        default=[],
+        metavar="KIND=TARGET",
+        help="the target of a kind of worker (a key, or a server), e.g. "
+        '\'rk3399={"kind": "llvm", "mtriple": "aarch64-linux-gnu"}\' (default llvm)',
+    )
+    parser.add_argument("--cache", help="where measurements are cached (~/.cache/tvmpipe)")
+    parser.add_argument("--cluster-out", help="also write the plan as a cluster file here")
+    return parser
+
+
+def _plan(rest: Sequence[str]) -> int:
+    """Measure and plan; errors are one line on stderr and exit status 1."""
+    import json
+    from pathlib import Path
+
+    from tvmpipe.proto.errors import TvmpipeError
+
+    parser = plan_parser()
+    args = parser.parse_args(rest)
+    targets = {}
+    for item in args.target:
+        kind, sep, text = item.partition("=")
+        if not sep:
+            parser.error(f"--target {item!r}: expected KIND=TARGET")
+        targets[kind] = json.loads(text) if text.startswith("{") else text
+    tracker = None
+    if args.tracker:
+        host, _, port = args.tracker.rpartition(":")
+        if not host or not port.isdigit():
+            parser.error(f"--tracker {args.tracker!r}: expected HOST:PORT")
+        tracker = (host, int(port))
+    from .models import load_onnx_file, load_onnx_model
+    from .plan import plan_pipeline
+
+    try:
+        model = args.model
+        mod = load_onnx_file(model) if Path(model).is_file() else load_onnx_model(model)
+        plan = plan_pipeline(
+            mod,
+            tracker=tracker,
+            keys=args.keys.split(",") if args.keys else None,
+            servers=args.servers.split(",") if args.servers else None,
+            max_stages=args.max_stages,
+            segments=args.segments,
+            targets=targets,
+            cache=args.cache,
+        )
+    except (TvmpipeError, OSError, ValueError) as exc:
+        print(f"{PROG} plan: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    print(plan)
+    print(f"cuts: {plan.cuts}")
+    if args.cluster_out:
+        print(f"cluster file: {plan.write_cluster(args.cluster_out)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -121,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if command == "info":
         return _info(info_parser().parse_args(rest).package)
+    if command == "plan":
+        return _plan(rest)
     if command == "demo":
         from .demo import main as demo_main
 

@@ -1,10 +1,12 @@
 """``make demo``: a real network split in three, deployed by tracker key, checked input by input.
 
 It starts TVM's tracker and three ``tvmpipe-worker``\\ s on loopback (a LocalCluster under key
-"demo"), imports SqueezeNet from the ``onnx`` package with seeded random weights, cuts it into
-stages that balance multiply-adds, builds them and the unsplit model, streams the inputs through
+"demo"), imports SqueezeNet from the ``onnx`` package with seeded random weights, measures its
+pieces and the links on those workers and plans the split (plan.py; measurements are cached, so
+a second run is quicker), builds the stages and the unsplit model, streams the inputs through
 the pipeline, and compares every result with the unsplit model run in this process. It prints
-the per-stage statistics and both throughputs as measured, and exits 1 if any result differs.
+the plan, the per-stage statistics against the plan's predictions, both throughputs as measured,
+and exits 1 if any result differs.
 
 Each stage gets one TVM thread that may run on every core (``cpu_affinity``). Left to TVM's
 defaults, creating a one-thread pool pins the thread that creates it to core 0, and the worker
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import os
 import sys
 import threading
@@ -39,6 +40,7 @@ from .build import build_pipeline
 from .client import PipelineModule
 from .localcluster import LocalCluster
 from .models import example_input, load_onnx_model
+from .plan import plan_pipeline
 from .split import split_module
 
 KEY = "demo"
@@ -64,63 +66,6 @@ class Run:
     @property
     def cores(self) -> float:
         return self.cpu_seconds / self.seconds
-
-
-# ----- choosing the cuts
-def binding_costs(mod: tvm.IRModule) -> list[float]:
-    """Multiply-adds of each binding of ``main`` (convolutions, matmuls); else its output size.
-
-    The split is balanced by this static estimate: it needs no compile and no timing. On
-    SqueezeNet it cuts at [40, 99], whose stages take 65, 79 and 88 ms (one thread each, run
-    alone), where the cuts [42, 82] give 65, 51 and 116 ms.
-    """
-    costs: list[float] = []
-    for block in mod["main"].body.blocks:
-        for binding in block.bindings:
-            costs.append(_cost(binding.value, binding.var.ty))
-    return costs
-
-
-def _dims(ty: Any) -> list[int] | None:
-    if not isinstance(ty, relax.TensorType) or ty.shape is None:
-        return None
-    values = [d.value if isinstance(d, tvm.tirx.IntImm) else None for d in ty.shape.values]
-    return None if None in values else [int(v) for v in values if v is not None]
-
-
-def _cost(value: relax.Expr, ty: Any) -> float:
-    out = _dims(ty)
-    if out is None:
-        return 0.0
-    size = float(np.prod(out))
-    op = value.op.name if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op) else ""
-    if op in ("relax.nn.conv2d", "relax.nn.conv1d", "relax.nn.conv3d"):
-        weight = _dims(value.args[1].ty)
-        if weight is not None:
-            return size * float(np.prod(weight[1:]))  # (in / groups) * kernel per output
-    if op == "relax.matmul":
-        lhs = _dims(value.args[0].ty)
-        if lhs:
-            return size * lhs[-1]
-    return size
-
-
-def balanced_cuts(costs: Sequence[float], n_stages: int) -> list[int]:
-    """Cut positions that give each stage about ``1/n_stages`` of the total cost."""
-    cumulative = np.cumsum(costs)
-    total = float(cumulative[-1])
-    cuts: list[int] = []
-    for k in range(1, n_stages):
-        cut = int(np.searchsorted(cumulative, total * k / n_stages)) + 1
-        cut = max(cut, (cuts[-1] + 1) if cuts else 1)
-        cuts.append(min(cut, len(costs) - (n_stages - k)))
-    return cuts
-
-
-def shares(costs: Sequence[float], cuts: Sequence[int]) -> list[float]:
-    bounds = [0, *cuts, len(costs)]
-    total = float(sum(costs))
-    return [sum(costs[a:b]) / total for a, b in itertools.pairwise(bounds)]
 
 
 # ----- the unsplit model in this process
@@ -172,23 +117,21 @@ def _cpu_seconds(pids: Sequence[int]) -> dict[int, float]:
 
 # ----- the pipeline on a loopback cluster
 def run_pipeline(
-    lib: Any, inputs: Sequence[dict[str, np.ndarray]], n_stages: int
+    lib: Any, inputs: Sequence[dict[str, np.ndarray]], cluster: LocalCluster
 ) -> tuple[Run, dict[str, Any]]:
     """Stream the inputs through the pipeline on a LocalCluster; the run and the stats."""
-    with step(f"starting TVM's tracker and {n_stages} workers under key {KEY!r}"):
-        cluster = LocalCluster(n_stages, key=KEY)
-    with cluster:
-        with step("deploying the stages by tracker key"):
-            pipe = PipelineModule(lib, tracker=cluster.tracker)
-        with pipe:
-            window = WINDOW_PER_STAGE * n_stages
-            with step(f"streaming {len(inputs)} inputs through the pipeline ({window} in flight)"):
-                pids = [os.getpid(), *cluster.pids()]  # the stages' session processes included
-                before, start = _cpu_seconds(pids), time.perf_counter()
-                outputs = [list(o) for o in pipe.map(inputs, window=window)]
-                seconds, after = time.perf_counter() - start, _cpu_seconds(pids)
-            stats = pipe.stats()
-            _name_workers(stats, cluster)
+    n_stages = len(lib.stages)
+    with step("deploying the stages by tracker key"):
+        pipe = PipelineModule(lib, tracker=cluster.tracker)
+    with pipe:
+        window = WINDOW_PER_STAGE * n_stages
+        with step(f"streaming {len(inputs)} inputs through the pipeline ({window} in flight)"):
+            pids = [os.getpid(), *cluster.pids()]  # the stages' session processes included
+            before, start = _cpu_seconds(pids), time.perf_counter()
+            outputs = [list(o) for o in pipe.map(inputs, window=window)]
+            seconds, after = time.perf_counter() - start, _cpu_seconds(pids)
+        stats = pipe.stats()
+        _name_workers(stats, cluster)
     cpu = sum(after[p] - before[p] for p in after if p in before)
     label = f"pipeline, {_plural(n_stages, 'stage')} on {_plural(n_stages, 'worker')}"
     return Run(label, outputs, seconds, cpu), stats
@@ -231,10 +174,13 @@ def mismatches(got: Sequence[list[np.ndarray]], expected: Sequence[list[np.ndarr
     return bad
 
 
-def stage_table(stats: dict[str, Any]) -> list[str]:
+def stage_table(stats: dict[str, Any], predicted: Sequence[float] | None = None) -> list[str]:
     header = ("stage", "device", "worker", "cores", "threads", "inputs", "mean ms", "p99 ms")
+    if predicted is not None:
+        header = (*header, "planned ms")
     rows = [header]
-    for name, s in stats["stages"].items():
+    for index, (name, s) in enumerate(stats["stages"].items()):
+        planned = () if predicted is None else (f"{predicted[index] * 1e3:.1f}",)
         rows.append(
             (
                 name,
@@ -245,6 +191,7 @@ def stage_table(stats: dict[str, Any]) -> list[str]:
                 str(s.get("processed", 0)),
                 f"{s.get('service_mean_s', 0.0) * 1e3:.1f}",
                 f"{s.get('service_p99_s', 0.0) * 1e3:.1f}",
+                *planned,
             )
         )
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
@@ -278,7 +225,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--stages", type=int, default=3, help="pipeline stages (default 3)")
     parser.add_argument("--model", default="light_squeezenet", help="an onnx 'light' model")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
-    parser.add_argument("--cuts", help="where to cut main, e.g. 42,82 (default: balanced)")
+    parser.add_argument("--cuts", help="where to cut main, e.g. 42,82 (default: planned)")
+    parser.add_argument(
+        "--segments", type=int, default=16, help="candidate pieces the planner measures"
+    )
     parser.add_argument(
         "--stage-threads", type=int, default=1, help="TVM threads per stage; 0: TVM's default"
     )
@@ -313,44 +263,62 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _demo(args: argparse.Namespace) -> int:
     with step("loading the model"):
         mod = load_onnx_model(args.model, args.seed)
-        costs = binding_costs(mod)
         inputs = [example_input(mod, seed=args.seed + i) for i in range(args.inputs)]
-    if args.cuts:
-        cuts = [int(c) for c in args.cuts.split(",")]
-        how = "as given"
-    else:
-        cuts = balanced_cuts(costs, args.stages) if args.stages > 1 else []
-        how = "balanced by multiply-adds"
-    share = " / ".join(f"{s:.0%}" for s in shares(costs, cuts))
-    print(
-        f"{len(costs)} bindings, {sum(costs) / 1e6:.0f} M multiply-adds; cut at {cuts} "
-        f"({how}: {share})"
-    )
-    cfg = split_module(mod, cuts)
-    n_stages = len(cfg.modules)
-    cores = _cores(args.stage_cores)
-    threads = args.stage_threads or None
-    for module in cfg.modules:
-        cfg[module].rpc_key = KEY
-        cfg[module].num_threads = threads
-        cfg[module].cpu_affinity = cores
-    where = f"cores {cores}" if cores else "TVM's default placement"
-    count = _plural(threads, "TVM thread") if threads else "TVM's default threads"
-    print(f"each stage: {count}, {where}")
-    # Before the cluster starts: the build forks compilers and waits for its children.
-    building = f"building {n_stages} stages and the unsplit model (opt_level=3)"
-    with step(building), tvm.transform.PassContext(opt_level=3):
-        lib = build_pipeline(cfg)
-        executable = tvm.compile(mod, "llvm")
-    try:
-        pipeline, stats = run_pipeline(lib, inputs, n_stages)
-    finally:
-        lib.close()
+    bindings = len(mod["main"].body.blocks[0].bindings)
+    with step(f"starting TVM's tracker and {args.stages} workers under key {KEY!r}"):
+        cluster = LocalCluster(args.stages, key=KEY)
+    with cluster:
+        predicted: list[float] | None = None
+        if args.cuts:
+            cuts = [int(c) for c in args.cuts.split(",")]
+            print(f"{bindings} bindings; cut at {cuts} (as given)")
+        else:
+            with step(
+                f"measuring {args.segments} pieces of main and the links on the workers, "
+                f"planning up to {args.stages} stages"
+            ):
+                plan = plan_pipeline(
+                    mod,
+                    tracker=cluster.tracker,
+                    keys=[KEY],
+                    max_stages=args.stages,
+                    segments=args.segments,
+                )
+            cuts, predicted = plan.cuts, [s.compute_s for s in plan.solution.stages]
+            cached = (
+                " (piece times from the cache)" if all(plan.measured["cached"].values()) else ""
+            )
+            print(f"{bindings} bindings; the plan{cached}:")
+            print("\n".join(f"  {line}" for line in str(plan).splitlines()))
+        cfg = split_module(mod, cuts)
+        n_stages = len(cfg.modules)
+        cores = _cores(args.stage_cores)
+        threads = args.stage_threads or None
+        for module in cfg.modules:
+            cfg[module].rpc_key = KEY
+            cfg[module].num_threads = threads
+            cfg[module].cpu_affinity = cores
+        where = f"cores {cores}" if cores else "TVM's default placement"
+        count = _plural(threads, "TVM thread") if threads else "TVM's default threads"
+        print(f"each stage: {count}, {where}")
+        building = f"building {n_stages} stages and the unsplit model (opt_level=3)"
+        with step(building), tvm.transform.PassContext(opt_level=3):
+            lib = build_pipeline(cfg)
+            executable = tvm.compile(mod, "llvm")
+        try:
+            pipeline, stats = run_pipeline(lib, inputs, cluster)
+        finally:
+            lib.close()
     with step(f"running the unsplit model on the same {len(inputs)} inputs in this process"):
         unsplit = run_unsplit(executable, mod, inputs)
 
     print()
-    print("\n".join(stage_table(stats)))
+    print("\n".join(stage_table(stats, predicted)))
+    if predicted is not None:
+        print(
+            "  (planned: each piece timed alone on one worker; in the pipeline the stages share "
+            "this machine's cores)"
+        )
     print()
     for run in (pipeline, unsplit):
         print(

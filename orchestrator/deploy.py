@@ -214,6 +214,13 @@ class StageSession:
         self.address = reply["address"]
         self.remote_pid = reply.get("pid", self.remote_pid)
 
+    @property
+    def rpc(self) -> Any:
+        """The tvm.rpc session itself (for measuring: upload, load_module, device)."""
+        if self._session is None:
+            raise DeployError(f"stage {self.stage.name!r}: its session on {self.peer} is closed")
+        return self._session
+
     def close(self, stop: bool = True, timeout: float = 5.0) -> None:
         """Stop the stage and end the session (dropping the last reference closes it).
 

@@ -57,6 +57,14 @@ def load_onnx_model(name: str = "light_squeezenet", seed: int = 0) -> tvm.IRModu
     return from_onnx(model)
 
 
+def load_onnx_file(path: str | Path) -> tvm.IRModule:
+    """Import an ONNX model file as it is (its own weights)."""
+    onnx = _onnx()
+    from tvm.relax.frontend.onnx import from_onnx
+
+    return from_onnx(onnx.load(str(path)))
+
+
 def example_input(mod: tvm.IRModule, seed: int = 0) -> dict[str, np.ndarray]:
     """A seeded random value for each parameter of ``mod["main"]``, keyed by parameter name.
 

@@ -17,7 +17,27 @@ from typing import Any
 import tvm
 
 from .config import PipelineModuleConfig
-from .planner import Device, Solution
+from .deploy import (
+    REQUEST_TIMEOUT_S,
+    LocalWorker,
+    StageSession,
+    check_tracker,
+    connect_server,
+    registered_workers,
+    request_from_tracker,
+    start_local_workers,
+)
+from .library import StageInfo
+from .measure import (
+    CONTROLLER,
+    MeasureCache,
+    candidate_cuts,
+    measure_links,
+    measure_memory,
+    profile_compute,
+    static_profile,
+)
+from .planner import CLIENT, Costs, Device, Link, Solution, solve
 from .split import split_module
 
 LOCAL_KIND = "local"
@@ -117,3 +137,113 @@ class Plan:
 def cuts_from(boundaries: Sequence[int], solution: Solution) -> list[int]:
     """Binding positions of the solver's stages, from the segment edges it chose among."""
     return [boundaries[stage.first - 1] for stage in solution.stages[1:]]
+
+
+def plan_pipeline(
+    mod: tvm.IRModule,
+    *,
+    tracker: tuple[str, int] | None = None,
+    keys: Sequence[str] | None = None,
+    servers: Sequence[str] | None = None,
+    max_stages: int = 3,
+    targets: dict[str, Any] | None = None,
+    device: str = "cpu",
+    segments: int = 16,
+    cache: MeasureCache | str | Path | None = None,
+    deploy_timeout: float = REQUEST_TIMEOUT_S,
+    progress: bool | None = None,
+) -> Plan:
+    """Measure, on the workers the pipeline will run on, and plan the split.
+
+    Workers: ``servers=[...]`` (each its own kind, named by its address), ``tracker=`` with
+    ``keys`` (every worker registered under each key; workers of one key are one kind; default:
+    every key the tracker has), or nothing: ``max_stages`` local loopback workers. ``targets``
+    maps a kind (a key, a server address, or "local") to its target (default ``llvm``).
+    Segment times are cached on disk (``cache``: a MeasureCache or its directory).
+    """
+    if servers is not None and tracker is not None:
+        raise ValueError("give servers or tracker, not both")
+    targets = dict(targets or {})
+    store = cache if isinstance(cache, MeasureCache) else MeasureCache(cache)
+    sessions: dict[str, StageSession] = {}
+    workers: list[LocalWorker] = []
+    devices: list[Device] = []
+    where: dict[str, dict[str, str]] = {}
+    try:
+        if servers is not None:
+            for address in servers:
+                sessions[address] = connect_server(_probe(address), address, deploy_timeout)
+                devices.append(Device(address, address, 0))
+                where[address] = {"server": address}
+        elif tracker is not None:
+            registered = registered_workers(check_tracker(tracker))
+            for key in keys or sorted(registered):
+                count = registered.get(key, (0, 0))[0]
+                for index in range(1, count + 1):
+                    name = f"{key}#{index}"
+                    sessions[name] = request_from_tracker(
+                        _probe(name), tracker, key, deploy_timeout
+                    )
+                    devices.append(Device(name, key, 0))
+                    where[name] = {"key": key}
+        else:
+            workers = start_local_workers(max_stages)
+            for index, worker in enumerate(workers, start=1):
+                name = f"local#{index}"
+                address = f"{worker.host}:{worker.port}"
+                sessions[name] = connect_server(_probe(name), address, deploy_timeout)
+                devices.append(Device(name, LOCAL_KIND, 0))
+                where[name] = {}
+        for session in sessions.values():
+            session.handshake()
+        devices = [
+            Device(d.name, d.kind, measure_memory(sessions[d.name].rpc)["available"])
+            for d in devices
+        ]
+        boundaries = candidate_cuts(mod, segments)
+        profile = static_profile(mod, boundaries)
+        compute: dict[str, list[float]] = {}
+        cached: dict[str, bool] = {}
+        for d in devices:
+            if d.kind in compute:
+                continue
+            target = targets.setdefault(d.kind, "llvm")
+            measured = profile_compute(
+                mod,
+                boundaries,
+                target,
+                sessions[d.name].rpc,
+                d.kind,
+                device,
+                cache=store,
+                progress=progress,
+            )
+            compute[d.kind], cached[d.kind] = measured["times"], measured["cached"]
+        links: dict[tuple[str, str], Link] = {}
+        for link in measure_links({n: s.rpc for n, s in sessions.items()}, progress=progress):
+            src = CLIENT if link["src"] == CONTROLLER else link["src"]
+            links[(src, link["dst"])] = Link(link["bandwidth_Bps"], link["latency_s"])
+            if src == CLIENT:  # results come back over the same wire
+                links[(link["dst"], CLIENT)] = links[(src, link["dst"])]
+    finally:
+        for session in sessions.values():
+            session.close(stop=False)
+        for worker in workers:
+            worker.stop()
+    costs = Costs(compute, profile["cut_bytes"], profile["weights"], profile["activations"], links)
+    solution = solve(costs, devices, max_stages)
+    return Plan(
+        mod=mod,
+        cuts=cuts_from(boundaries, solution),
+        boundaries=list(boundaries),
+        solution=solution,
+        targets=targets,
+        where=where,
+        tracker=tracker,
+        measured={"costs": costs, "cached": cached},
+    )
+
+
+def _probe(name: str) -> StageInfo:
+    """A stand-in stage for deploy's messages while measuring on ``name``."""
+    return StageInfo(f"planning on {name}", "relax", "", "", [], None)

@@ -26,7 +26,7 @@ RUN_S = 120  # a command that imports TVM takes a few seconds on a busy 2-core m
 READY_S = 60
 STOP_S = 10
 BIN = Path(sys.executable).parent
-COMMANDS = ("info", "demo", "cluster", "bench", "soak")
+COMMANDS = ("info", "plan", "demo", "cluster", "bench", "soak")
 
 
 def tvmpipe(*args: str) -> list[str]:

@@ -1,0 +1,174 @@
+"""Measuring for the planner (orchestrator/measure.py): bytes read from main, stage times taken
+on real local workers through tvm.rpc, ZeroMQ links, memory, and the on-disk cache."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tvm
+from modules import _module, _var, old_tvm_test_modules, postprocess, unary_module
+from tvm import relax, rpc
+
+from tvmpipe.orchestrator import PipelineModuleConfig, build_pipeline, split_module
+from tvmpipe.orchestrator.deploy import start_local_workers
+from tvmpipe.orchestrator.measure import (
+    MeasureCache,
+    candidate_cuts,
+    measure_compute,
+    measure_link,
+    measure_links,
+    measure_memory,
+    memory_need,
+    profile_compute,
+    static_profile,
+)
+from tvmpipe.proto.errors import ConfigError
+
+SHAPE = (32, 128)
+
+
+def light_then_heavy() -> tvm.IRModule:
+    """One matmul by a constant weight, then six: cut at 1, the second segment is heavier."""
+    rng = np.random.default_rng(0)
+
+    def body(bb: relax.BlockBuilder, x: relax.Var) -> relax.Expr:
+        for _ in range(6):
+            w = relax.const(rng.standard_normal((SHAPE[1], SHAPE[1])).astype("float32") * 0.1)
+            x = bb.emit(relax.op.matmul(x, w))
+        w = relax.const(rng.standard_normal((SHAPE[1], SHAPE[1])).astype("float32") * 0.1)
+        return relax.op.matmul(x, w)
+
+    return _module([_var("data_0", SHAPE, "float32")], body)
+
+
+@pytest.fixture(scope="module")
+def sessions() -> Iterator[list[Any]]:
+    """Two loopback tvmpipe-workers and an RPC session to each, for the whole file."""
+    workers = start_local_workers(2)
+    try:
+        opened = [rpc.connect("127.0.0.1", w.port, session_timeout=0) for w in workers]
+        yield opened
+        opened.clear()
+        gc.collect()
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+class Untouchable:
+    """A session that fails the test if anything is asked of it."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"the cache should have answered, but session.{name} was used")
+
+
+@pytest.mark.timeout(30)
+def test_static_profile_counts_bytes() -> None:
+    # main(data_0: f32[3, 3]) -> (data_0 + 1.0, data_0 - 2.0, data_0 * 3.0); 36 bytes a tensor.
+    mod = old_tvm_test_modules()[0]
+    assert static_profile(mod, [1]) == {
+        "cut_bytes": [36, 36, 108],  # data_0 in; data_0 crosses to the 2nd segment; 3 outputs
+        "weights": [4, 8],  # scalar constants: 1.0 | 2.0, 3.0
+        "activations": [36, 36],
+    }
+    assert static_profile(mod, []) == {"cut_bytes": [36, 108], "weights": [12], "activations": [36]}
+    heavy = light_then_heavy()
+    profile = static_profile(heavy, [1])
+    tensor, weight = 32 * 128 * 4, 128 * 128 * 4
+    assert profile == {
+        "cut_bytes": [tensor, tensor, tensor],
+        "weights": [weight, 6 * weight],
+        "activations": [tensor, tensor],
+    }
+    assert memory_need(profile, 0, 2) == 7 * weight + 2 * tensor
+
+
+@pytest.mark.timeout(30)
+def test_candidate_cuts_are_legal_and_spread() -> None:
+    from tvmpipe.orchestrator.models import load_onnx_model
+
+    mod = load_onnx_model("light_squeezenet", seed=0)
+    n = sum(len(block.bindings) for block in mod["main"].body.blocks)
+    cuts = candidate_cuts(mod, 4)
+    assert len(cuts) == 3 and cuts == sorted(set(cuts))
+    assert all(n * s // 4 - n // 6 <= c <= n * s // 4 + n // 6 for s, c in enumerate(cuts, 1))
+    split_module(mod, cuts)  # every subset is legal; the whole set is the hardest
+    for cut in candidate_cuts(mod, 20):
+        split_module(mod, [cut])
+    assert candidate_cuts(mod, 1) == []
+    assert len(static_profile(mod, cuts)["cut_bytes"]) == 5
+
+
+@pytest.mark.timeout(60)
+def test_compute_is_timed_on_the_workers(sessions: list[Any]) -> None:
+    mod = light_then_heavy()
+    with tvm.transform.PassContext(opt_level=3):
+        split = build_pipeline(split_module(mod, [1]))
+        whole = build_pipeline(split_module(mod, []))
+    try:
+        light, heavy = measure_compute(split, sessions[0], "cpu", repeat=3)
+        (unsplit,) = measure_compute(whole, sessions[1], "cpu", repeat=3)
+    finally:
+        split.close()
+        whole.close()
+    assert 0 < light < heavy / 2  # one matmul against six
+    assert unsplit / 3 < light + heavy < unsplit * 3
+
+
+@pytest.mark.timeout(30)
+def test_python_stages_cannot_be_timed() -> None:
+    mod = unary_module("negative", shape=(2, 5))
+    cfg = PipelineModuleConfig()
+    cfg.inputs["x"] = (mod, "data_0")
+    cfg.connect(mod, 0, postprocess, "logits")
+    cfg.outputs.append((postprocess, 0))
+    lib = build_pipeline(cfg)
+    try:
+        with pytest.raises(ConfigError, match="Python function"):
+            measure_compute(lib, Untouchable())
+    finally:
+        lib.close()
+
+
+@pytest.mark.timeout(30)
+def test_links_and_memory(sessions: list[Any]) -> None:
+    a, b = sessions
+    link = measure_link(b, a, count=4, size=1 << 18)
+    assert link["latency_s"] > 0 and link["bandwidth_Bps"] > 0 and link["bytes"] == 1 << 20
+    links = measure_links({"a": a, "b": b}, count=2, size=1 << 16, pings=3)
+    assert {(x["src"], x["dst"]) for x in links} == {
+        ("controller", "a"),
+        ("controller", "b"),
+        ("a", "b"),
+        ("b", "a"),
+    }
+    assert all(x["latency_s"] > 0 and x["bandwidth_Bps"] > 0 for x in links)
+    memory = measure_memory(a)
+    assert 0 < memory["available"] <= memory["total"] and memory["cpus"] >= 1
+
+
+@pytest.mark.timeout(60)
+def test_second_measure_comes_from_the_cache(
+    sessions: list[Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mod = old_tvm_test_modules()[0]
+    monkeypatch.setenv("TVMPIPE_CACHE", str(tmp_path / "env"))
+    assert MeasureCache().directory == tmp_path / "env"
+    cache = MeasureCache(tmp_path / "measure")
+    first = profile_compute(mod, [1], "llvm", sessions[0], "loopback", repeat=2, cache=cache)
+    assert not first["cached"] and len(first["times"]) == 2 and min(first["times"]) > 0
+    assert [p.name for p in (tmp_path / "measure").iterdir()] == [f"{first['key']}.json"]
+    again = profile_compute(
+        mod, [1], "llvm", Untouchable(), "loopback", repeat=2, cache=MeasureCache(cache.directory)
+    )
+    assert again == {**first, "cached": True}
+    # Another worker kind, cut or module is measured anew.
+    assert MeasureCache.key(mod, [1], "llvm", "board") != first["key"]
+    assert MeasureCache.key(mod, [2], "llvm", "loopback") != first["key"]
+    other = old_tvm_test_modules()[1]
+    assert MeasureCache.key(other, [1], "llvm", "loopback") != first["key"]
