@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .client import PipelineModule
     from .config import PipelineModuleConfig
     from .library import PipelineLibrary, load_library
+    from .plan import Plan, plan_pipeline
     from .split import split_module
 
 # Each public name and the module that defines it.
@@ -48,6 +49,8 @@ _WHERE = {
     "PipelineModuleConfig": f"{__name__}.config",
     "PipelineLibrary": f"{__name__}.library",
     "load_library": f"{__name__}.library",
+    "Plan": f"{__name__}.plan",
+    "plan_pipeline": f"{__name__}.plan",
     "split_module": f"{__name__}.split",
 }
 
@@ -59,6 +62,7 @@ __all__ = [
     "InputError",
     "PackageError",
     "PipelineLibrary",
+    "Plan",
     "PipelineModule",
     "PipelineModuleConfig",
     "ResultTimeoutError",
@@ -67,6 +71,7 @@ __all__ = [
     "TvmpipeError",
     "build_pipeline",
     "load_library",
+    "plan_pipeline",
     "split_module",
 ]
 
