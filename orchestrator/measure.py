@@ -285,20 +285,36 @@ def measure_compute(
     rng = np.random.default_rng(0)
     times = []
     for stage in lib.stages:
-        # A fresh name each time: rewriting a library the session has loaded would crash it.
-        name = f"measure-{uuid.uuid4().hex[:12]}-{stage.artifact}"
-        session.upload(bytearray(lib.artifact_path(stage).read_bytes()), target=name)
-        remote = session.load_module(name)
-        dev = session.device(device)
-        vm = relax.VirtualMachine(remote, dev)
-        args = [tvm.runtime.tensor(_random_input(s, rng), dev) for s in stage.inputs]
-        vm.set_input("main", *args)
-        timer = vm.time_evaluator(
-            "invoke_stateful", dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms
-        )
-        times.append(float(timer("main").median))
+        inputs = [_random_input(s, rng) for s in stage.inputs]
+        try:
+            times.append(_time_stage(lib, stage, inputs, session, device, repeat, min_repeat_ms))
+        except Exception as exc:
+            raise DeployError(
+                f"stage {stage.name!r}: timing it on the worker ({device}) failed: {exc}"
+            ) from exc
         _say(progress, f"{stage.name}: {times[-1] * 1e3:.3f} ms on {device}")
     return times
+
+
+def _time_stage(
+    lib: PipelineLibrary,
+    stage: Any,
+    inputs: list[np.ndarray],
+    session: Any,
+    device: str,
+    repeat: int,
+    min_repeat_ms: int,
+) -> float:
+    # A fresh name each time: rewriting a library the session has loaded would crash it.
+    name = f"measure-{uuid.uuid4().hex[:12]}-{stage.artifact}"
+    session.upload(bytearray(lib.artifact_path(stage).read_bytes()), target=name)
+    dev = session.device(device)
+    vm = relax.VirtualMachine(session.load_module(name), dev)
+    vm.set_input("main", *(tvm.runtime.tensor(x, dev) for x in inputs))
+    timer = vm.time_evaluator(
+        "invoke_stateful", dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms
+    )
+    return float(timer("main").median)
 
 
 def profile_compute(

@@ -14,6 +14,10 @@ ordinary RPC server. The controller, through the session, uploads a stage artifa
     tvmpipe.stage.set_params(bytes)          replace parameter-group weights (a proto blob)
     tvmpipe.stage.stats() -> json            counters, queue depths, service times
     tvmpipe.stage.stop()                     stop the loops and close the sockets
+    tvmpipe.probe.sink(json) -> json         bind a link probe's receiver (worker/probe.py)
+    tvmpipe.probe.send(json) -> json         time a link to a sink: latency and bandwidth
+    tvmpipe.probe.result(json) -> json       what a sink received, once it is done
+    tvmpipe.probe.memory() -> json           available and total memory, CPU cores
 
 A stage lives as long as its session: the session loop is wrapped so that, however the session
 ends (the controller closes it, or dies and its socket drops), the stage is stopped before the
@@ -39,6 +43,7 @@ from tvm.rpc import _ffi_api as rpc_ffi
 
 from tvmpipe.proto.messages import check_handshake, decode_blob, handshake_info
 
+from . import probe
 from .placement import check_cores, pin_current_thread
 from .relay import RelayRunner
 from .runner import Runner, StageRunner, tvm_device
@@ -176,6 +181,7 @@ def register_functions() -> None:
         ("tvmpipe.stage.set_params", _set_params),
         ("tvmpipe.stage.stats", _stats),
         ("tvmpipe.stage.stop", _stop),
+        *probe.FUNCTIONS,
     ):
         tvm_ffi.register_global_func(name, func, override=True)
 

@@ -172,3 +172,46 @@ def test_second_measure_comes_from_the_cache(
     assert MeasureCache.key(mod, [2], "llvm", "loopback") != first["key"]
     other = old_tvm_test_modules()[1]
     assert MeasureCache.key(other, [1], "llvm", "loopback") != first["key"]
+
+
+def _netns_boards() -> Any:
+    """deploy/netns/boards.py, loaded by path as tests/netns/conftest.py does."""
+    import importlib.util
+    import sys
+
+    name = "tvmpipe_netns_boards"
+    if name not in sys.modules:
+        path = Path(__file__).resolve().parents[2] / "deploy" / "netns" / "boards.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.mark.timeout(60)
+def test_links_across_simulated_boards() -> None:
+    """A link shaped to 100 Mbit/s measures about that; the advertised addresses are used."""
+    netns = _netns_boards()
+    reason = netns.netns_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with netns.SimulatedBoards(["a", "b"], rates=["100mbit", None]) as boards:
+        tracker = rpc.connect_tracker(*boards.tracker)
+        try:
+            sessions = {b.name: tracker.request(b.key, session_timeout=0) for b in boards.boards}
+        finally:
+            tracker.close()
+        try:
+            links = {
+                (x["src"], x["dst"]): x
+                for x in measure_links(sessions, count=4, size=1 << 18, pings=5)
+            }
+        finally:
+            sessions.clear()
+            gc.collect()
+    shaped = links[("b2", "b1")]["bandwidth_Bps"] * 8
+    assert 50e6 < shaped < 150e6
+    assert 50e6 < links[("controller", "b1")]["bandwidth_Bps"] * 8 < 150e6
+    assert links[("controller", "b2")]["bandwidth_Bps"] * 8 > 300e6

@@ -1,0 +1,174 @@
+"""Link and memory probes, called by the planner through tvm.rpc (orchestrator/measure.py).
+
+A link is timed over ZeroMQ, like the data plane it stands for, and on the sender's clock only,
+so that boards whose clocks disagree still measure right. The receiving side (``sink``) binds a
+ROUTER in a thread of its RPC session and echoes small pings; the sending side (``send``, on
+another worker or in the controller) connects a DEALER and:
+
+- times ``pings`` round trips of a 64-byte message: latency is half the median round trip;
+- sends ``count`` messages of ``size`` bytes back to back and waits for the sink's one ack
+  after the last: bandwidth is the bytes over (that time - one round trip).
+
+Every wait is bounded by ``timeout``; sockets close and contexts end in ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import threading
+import time
+import uuid
+from typing import Any
+
+import psutil
+import zmq
+
+PING = b"p"
+DATA = b"d"
+ACK = b"a"
+PING_BYTES = 64
+ACK_LINGER_MS = 1000  # the sink's ack must leave before its socket closes
+
+_sinks: dict[str, tuple[threading.Thread, dict[str, Any]]] = {}
+
+
+def _hosts() -> tuple[str, str]:
+    """This worker's bind and advertised hosts (loopback in the controller)."""
+    from .server import WorkerState
+
+    return WorkerState.bind_host, WorkerState.advertise_host
+
+
+def sink(request_json: str) -> str:
+    """Bind a ROUTER, answer one sender in a thread; returns ``{"id", "address"}``."""
+    request = json.loads(request_json)
+    count, timeout = int(request["count"]), float(request.get("timeout", 10.0))
+    bind_host, advertise_host = _hosts()
+    context = zmq.Context()
+    sock = context.socket(zmq.ROUTER)
+    try:
+        sock.setsockopt(zmq.LINGER, ACK_LINGER_MS)
+        port = sock.bind_to_random_port(f"tcp://{bind_host}")
+    except BaseException:
+        sock.close(0)
+        context.term()
+        raise
+    stats: dict[str, Any] = {"messages": 0, "bytes": 0, "pings": 0, "done": False}
+    thread = threading.Thread(
+        target=_serve_sink,
+        args=(context, sock, count, time.monotonic() + timeout, stats),
+        name="tvmpipe-probe-sink",
+        daemon=True,
+    )
+    probe_id = uuid.uuid4().hex
+    _sinks[probe_id] = (thread, stats)
+    thread.start()
+    return json.dumps({"id": probe_id, "address": f"tcp://{advertise_host}:{port}"})
+
+
+def _serve_sink(
+    context: zmq.Context, sock: zmq.Socket, count: int, deadline: float, stats: dict[str, Any]
+) -> None:
+    try:
+        while time.monotonic() < deadline:
+            if not sock.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                continue
+            peer, payload = sock.recv_multipart(copy=False)
+            kind = payload.bytes[:1]
+            if kind == PING:
+                stats["pings"] += 1
+                sock.send_multipart([peer, payload], copy=False)
+                continue
+            now = time.monotonic()
+            stats.setdefault("first_s", now)
+            stats["last_s"] = now
+            stats["messages"] += 1
+            stats["bytes"] += len(payload)
+            if stats["messages"] >= count:
+                sock.send_multipart([peer.bytes, ACK])
+                stats["done"] = True
+                return
+    except Exception as exc:  # reported by result(); the thread must not die silently
+        stats["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        sock.close()
+        context.term()
+
+
+def result(request_json: str) -> str:
+    """Wait (bounded) for a sink to finish; its counts, and whether it got everything."""
+    request = json.loads(request_json)
+    thread, stats = _sinks.pop(str(request["id"]))
+    thread.join(float(request.get("timeout", 10.0)))
+    reply = {k: v for k, v in stats.items() if k not in ("first_s", "last_s")}
+    if "first_s" in stats:
+        reply["receive_s"] = stats["last_s"] - stats["first_s"]
+    reply["finished"] = not thread.is_alive()
+    return json.dumps(reply)
+
+
+def send(request_json: str) -> str:
+    """Ping, then stream to a sink's address; returns latency and bandwidth as seen here."""
+    request = json.loads(request_json)
+    count, size = int(request["count"]), int(request["size"])
+    pings, timeout = int(request.get("pings", 10)), float(request.get("timeout", 10.0))
+    deadline = time.monotonic() + timeout
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(str(request["address"]))
+        ping = PING + bytes(PING_BYTES - 1)
+        rtts = []
+        for i in range(pings + 1):  # the first one also waits for the connection: not counted
+            start = time.perf_counter()
+            sock.send(ping)
+            _receive(sock, deadline, "a ping's echo")
+            if i:
+                rtts.append(time.perf_counter() - start)
+        rtt = statistics.median(rtts) if rtts else 0.0
+        block = memoryview(DATA + bytes(size - 1))
+        start = time.perf_counter()
+        for _ in range(count):
+            sock.send(block, copy=False)
+        _receive(sock, deadline, "the ack of the last message")
+        elapsed = time.perf_counter() - start
+    finally:
+        sock.close(0)
+        context.term()
+    moving = max(elapsed - rtt, elapsed * 0.05, 1e-9)  # a zero or negative time on noise
+    return json.dumps(
+        {
+            "latency_s": rtt / 2,
+            "rtt_s": rtt,
+            "rtts_s": rtts,
+            "elapsed_s": elapsed,
+            "bytes": count * size,
+            "bandwidth_Bps": count * size / moving,
+        }
+    )
+
+
+def _receive(sock: zmq.Socket, deadline: float, what: str) -> bytes:
+    left = deadline - time.monotonic()
+    if left <= 0 or not sock.poll(int(left * 1000)):
+        raise TimeoutError(f"no reply from the probe sink: waited for {what}")
+    return sock.recv()
+
+
+def memory() -> str:
+    """What this worker has: available and total bytes of memory, and CPU cores."""
+    vm = psutil.virtual_memory()
+    return json.dumps(
+        {"available": int(vm.available), "total": int(vm.total), "cpus": os.cpu_count() or 1}
+    )
+
+
+FUNCTIONS = (
+    ("tvmpipe.probe.sink", sink),
+    ("tvmpipe.probe.send", send),
+    ("tvmpipe.probe.result", result),
+    ("tvmpipe.probe.memory", memory),
+)
