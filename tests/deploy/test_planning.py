@@ -58,3 +58,40 @@ def test_a_plan_measured_on_local_workers_runs_as_planned(tmp_path: Path) -> Non
         np.testing.assert_allclose(out, lib.run_local({"x": x})[0], rtol=1e-5, atol=1e-6)
     finally:
         lib.close()
+
+
+def test_tvmpipe_plan_on_an_onnx_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``tvmpipe plan MODEL.onnx``: measured on local workers, printed, written as a cluster file."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    nodes, inits, name = [], [], "x"
+    for k in range(4):
+        w = numpy_helper.from_array(rng.standard_normal((32, 32)).astype("float32"), f"w{k}")
+        inits.append(w)
+        nodes += [helper.make_node("MatMul", [name, f"w{k}"], [f"m{k}"])]
+        nodes += [helper.make_node("Tanh", [f"m{k}"], [f"t{k}"])]
+        name = f"t{k}"
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 32])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [32, 32])],
+        inits,
+    )
+    path = tmp_path / "chain.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+    from tvmpipe.orchestrator.cli import main
+
+    argv = ["plan", str(path), "--max-stages", "2", "--segments", "4"]
+    argv += ["--cache", str(tmp_path / "cache"), "--cluster-out", str(tmp_path / "c.toml")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert "bottleneck" in out and "predicted" in out and "local#" in out
+    assert (tmp_path / "c.toml").is_file()
+
+    assert main(["plan", str(tmp_path / "missing.onnx"), "--max-stages", "2"]) == 1
+    assert capsys.readouterr().err.startswith("tvmpipe plan: ")
