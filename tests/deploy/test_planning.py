@@ -61,7 +61,7 @@ def test_a_plan_measured_on_local_workers_runs_as_planned(tmp_path: Path) -> Non
 
 
 def test_tvmpipe_plan_on_an_onnx_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``tvmpipe plan MODEL.onnx``: measured on local workers, printed, written as a cluster file."""
+    """``tvmpipe plan MODEL.onnx``: measured on local workers, printed, written to a file."""
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
