@@ -7,6 +7,7 @@
 3. tvm.rpc by hand: the same compiled stages on the same RPC servers, driven from here
 4. real network: SqueezeNet split over 2 cores against the unsplit model (1 and 2 threads)
 5. latency: one request at a time through a pipeline against ``run_local``
+6. planning: the planned split on 3 unequal simulated boards against a sweep and multiply-adds
 
 Each comparison runs both sides in this run, alternating repetitions, and reports medians.
 It prints one table and writes the same figures, the raw samples and the machine as JSON.
@@ -27,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import bench_accel, bench_dataplane, bench_handdriven, bench_network
+from . import bench_accel, bench_dataplane, bench_handdriven, bench_network, bench_plan
 from .bench_common import Row, Settings
 
 BUSY_MS = 10.0
@@ -40,6 +41,7 @@ def comparisons(args: argparse.Namespace) -> dict[str, Callable[[Settings], list
         "2": lambda s: bench_accel.run(s, args.busy_ms),
         "3": bench_handdriven.run,
         "4": bench_network.run,
+        "6": bench_plan.run,
     }
 
 

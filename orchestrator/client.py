@@ -490,7 +490,11 @@ class PipelineModule:
             parts[msg.sender] = msg
             if len(parts) == len(senders):
                 del self._partial[msg.seq]
-                result = self.wiring.assemble_outputs(msg.seq, parts)
+                try:
+                    result = self.wiring.assemble_outputs(msg.seq, parts)
+                except KeyError:  # parts that do not hold the outputs they should
+                    self._counters["bad_results"] += 1
+                    continue
                 if isinstance(result, list) and not self._matches_signature(result):
                     self._counters["bad_results"] += 1
                     continue
