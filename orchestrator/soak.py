@@ -113,7 +113,8 @@ class Watched:
 def watched_processes(pipe: PipelineModule) -> list[Watched]:
     """This process, then each stage's session process and the worker that forked it."""
     me = psutil.Process()
-    stage_of = {s.remote_pid: s.stage.name for s in getattr(pipe, "_sessions", [])}
+    stages = pipe.stats()["stages"]
+    stage_of = {data.get("pid"): name for name, data in stages.items()}
     found = [Watched("client", me)]
     for worker in me.children():
         sessions = worker.children()
