@@ -48,7 +48,9 @@ from .deploy import REQUEST_TIMEOUT_S
 from .fleet import Fleet
 from .health import StageMonitor
 from .library import PipelineLibrary, load_library
+from .metrics import MetricsServer
 from .recovery import Recovery
+from .report import render
 from .sequencer import InFlight, Sequencer
 from .signature import TensorSpec
 from .wiring import CLIENT, Wiring
@@ -75,6 +77,7 @@ class PipelineModule:
     workers see it); ``bind_host`` is where this process listens (default: ``client_host``).
 
     ``plan=`` (from ``plan_pipeline``) puts each stage where the plan says.
+    ``metrics_port`` (0: any free port) serves Prometheus metrics at ``metrics_address``.
     ``deploy_timeout`` bounds placing each stage. ``restart=True`` deploys a lost stage again
     (at most ``max_restarts`` times) and sends the inputs in flight again; it keeps a copy of
     every input until its result arrives. An input whose result has not come ``result_timeout``
@@ -100,9 +103,12 @@ class PipelineModule:
         deploy_timeout: float = REQUEST_TIMEOUT_S,
         result_timeout: float = RESULT_TIMEOUT_S,
         plan: Plan | None = None,
+        metrics_port: int | None = None,
     ):
         if sum(x is not None for x in (servers, tracker, cluster)) > 1:
             raise ValueError("give at most one of servers, tracker and cluster")
+        self._plan = plan
+        self._report_before: dict[str, Any] | None = None
         if plan is not None:
             if any(x is not None for x in (servers, tracker, cluster)):
                 raise ValueError("give either plan or servers, tracker and cluster, not both")
@@ -154,6 +160,8 @@ class PipelineModule:
         self._monitor: StageMonitor | None = None
         self._recovery: Recovery | None = None
         self._receiver: threading.Thread | None = None
+        self._metrics: MetricsServer | None = None
+        self.metrics_address: str | None = None
         try:
             self._fleet.deploy(self.address, queue_bytes, epoch=0)
             for name in self.wiring.input_stages():
@@ -166,6 +174,9 @@ class PipelineModule:
             self._monitor.start()
             self._recovery.start()
             self._receiver.start()
+            if metrics_port is not None:
+                self._metrics = MetricsServer(self.stats, bind_host, metrics_port)
+                self.metrics_address = self._metrics.address
         except BaseException:
             self.close()
             raise
@@ -311,11 +322,32 @@ class PipelineModule:
             }
         return {"stages": stages, "client": client}
 
+    def report(self, show: bool = True) -> str:
+        """Per stage, the share of time computing, waiting and blocked since the last report
+        (or the start); the bottleneck and what limits it; the plan's prediction if any.
+        Printed unless ``show=False``; returned either way."""
+        stages = self.stats()["stages"]
+        planned = None
+        if self._plan is not None and len(self._plan.solution.stages) == len(stages):
+            planned = [s.compute_s for s in self._plan.solution.stages]
+        after: dict[str, list[str]] = {}
+        for edge in self.lib.connections:
+            after.setdefault(edge.src, []).append(f"stage {edge.dst!r}")
+        for out in self.lib.outputs:
+            after.setdefault(out.stage, []).append("the client")
+        text = render(stages, self._report_before, planned, after)
+        self._report_before = stages
+        if show:
+            print(text)
+        return text
+
     # ----- lifetime
     def close(self) -> None:
         """Stop every stage, close sockets and sessions, stop the workers started here."""
         if self._closed:
             return
+        if self._metrics is not None:
+            self._metrics.close()
         with self._cond:
             self._closed = True
             self._cond.notify_all()

@@ -125,6 +125,7 @@ def run_pipeline(
         pipe = PipelineModule(lib, tracker=cluster.tracker)
     with pipe:
         window = WINDOW_PER_STAGE * n_stages
+        pipe.report(show=False)  # its interval starts here
         with step(f"streaming {len(inputs)} inputs through the pipeline ({window} in flight)"):
             pids = [os.getpid(), *cluster.pids()]  # the stages' session processes included
             before, start = _cpu_seconds(pids), time.perf_counter()
@@ -132,6 +133,7 @@ def run_pipeline(
             seconds, after = time.perf_counter() - start, _cpu_seconds(pids)
         stats = pipe.stats()
         _name_workers(stats, cluster)
+        stats["report"] = pipe.report(show=False)
     cpu = sum(after[p] - before[p] for p in after if p in before)
     label = f"pipeline, {_plural(n_stages, 'stage')} on {_plural(n_stages, 'worker')}"
     return Run(label, outputs, seconds, cpu), stats
@@ -319,6 +321,8 @@ def _demo(args: argparse.Namespace) -> int:
             "  (planned: each piece timed alone on one worker; in the pipeline the stages share "
             "this machine's cores)"
         )
+    print()
+    print("\n".join(f"  {line}" for line in stats["report"].splitlines()))
     print()
     for run in (pipeline, unsplit):
         print(

@@ -21,6 +21,7 @@ recovery can be tested on it alone; the caller holds one lock around every call.
 
 from __future__ import annotations
 
+import bisect
 import collections
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from typing import Any
 import numpy as np
 
 Result = list[np.ndarray] | Exception
+# Upper bounds (seconds) of the end-to-end latency histogram's buckets; the last is +Inf.
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass
@@ -40,6 +43,7 @@ class InFlight:
     epoch: int = -1  # the epoch it was last sent in; -1: not sent yet
     overtaken_at: float | None = None  # when a later input's result arrived first
     resends: int = 0  # times it was found overdue and sent again
+    launched_at: float = 0.0
 
 
 class Sequencer:
@@ -54,6 +58,8 @@ class Sequencer:
         self._ordered: collections.deque[int] = collections.deque()  # run(), not yet taken
         self._ready: dict[int, Result] = {}  # results waiting for get_output()
         self._futures = 0  # futures in flight
+        self.latency_hist = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.latency_sum = 0.0
 
     # ----- launching and sending
     @property
@@ -73,7 +79,7 @@ class Sequencer:
         seq = self.next_seq
         self.next_seq += 1
         copy = inputs if self.keep_copies else None
-        self._flight[seq] = InFlight(seq, copy, future, now)
+        self._flight[seq] = InFlight(seq, copy, future, now, launched_at=now)
         if future is None:
             self._ordered.append(seq)
         else:
@@ -111,6 +117,9 @@ class Sequencer:
             self.counters["duplicates"] += 1
             return False, None
         self.last_result_at = now
+        latency = now - entry.launched_at
+        self.latency_hist[bisect.bisect_left(LATENCY_BUCKETS_S, latency)] += 1
+        self.latency_sum += latency
         for earlier in self._flight.values():  # inputs launched before seq are overtaken
             if earlier.seq > seq:
                 break
@@ -181,5 +190,8 @@ class Sequencer:
             "in_flight": self.in_flight,
             "epoch": self.epoch,
             "waiting_results": len(self._ready),
+            "latency_buckets_s": list(LATENCY_BUCKETS_S),
+            "latency_hist": list(self.latency_hist),
+            "latency_sum_s": self.latency_sum,
             **self.counters,
         }

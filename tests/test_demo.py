@@ -48,6 +48,7 @@ def test_demo_runs_and_every_result_matches() -> None:
     header = next(line for line in lines if line.split()[:2] == ["stage", "device"])
     assert "mean ms" in header and "p99 ms" in header
     table = lines[lines.index(header) + 1 :]
+    table = table[: table.index("")] if "" in table else table
     rows = [line.split() for line in table if line.split()[:1] in (["mod1"], ["mod2"], ["mod3"])]
     assert [r[0] for r in rows] == ["mod1", "mod2", "mod3"], output
     column = header.split().index
@@ -55,6 +56,7 @@ def test_demo_runs_and_every_result_matches() -> None:
     assert all(r[column("inputs")] == "8" for r in rows), output
     assert "inputs/s" in result.stdout and "speedup" in result.stdout
     assert "the plan" in result.stdout and "planned ms" in header  # measured and planned
+    assert "bottleneck: " in result.stdout  # pipe.report()
 
 
 @pytest.mark.timeout(120)

@@ -27,6 +27,7 @@ every input in flight again, in a new epoch (see orchestrator/recovery.py).
 
 from __future__ import annotations
 
+import bisect
 import collections
 import threading
 import time
@@ -60,6 +61,9 @@ UNKNOWN_SIZE_HWM = 2  # from a sender whose tensors' sizes are not known (a Pyth
 LINGER_MS = 1000
 SAMPLES = 4096  # service times kept for the mean and p99
 SENT_KEPT = 4096  # sequence numbers remembered as sent, for locate()
+# Upper bounds (seconds) of the histogram buckets of service time and join wait (Prometheus's
+# convention: cumulative counts per bound, the last bound is +Inf).
+BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REWIRE_TIMEOUT_S = 10.0
 
 
@@ -86,6 +90,17 @@ class StageStats:
     service_times: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=SAMPLES)
     )
+    busy_s: float = 0.0  # the runner computing
+    waiting_s: float = 0.0  # the compute thread waiting for an input set (or its parts)
+    blocked_s: float = 0.0  # the compute thread waiting for room in the send queue
+    send_blocked_s: float = 0.0  # the send thread waiting for room downstream
+    service_hist: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS_S) + 1))
+    service_sum_s: float = 0.0
+    join_hist: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS_S) + 1))
+    join_sum_s: float = 0.0
+
+    def observe(self, hist: list[int], seconds: float) -> None:
+        hist[bisect.bisect_left(BUCKETS_S, seconds)] += 1
 
     def summary(self) -> dict[str, Any]:
         times = np.array(self.service_times) if self.service_times else np.zeros(1)
@@ -99,6 +114,15 @@ class StageStats:
             "bytes_out": self.bytes_out,
             "service_mean_s": float(times.mean()),
             "service_p99_s": float(np.percentile(times, 99)),
+            "busy_s": self.busy_s,
+            "waiting_s": self.waiting_s,
+            "blocked_s": self.blocked_s,
+            "send_blocked_s": self.send_blocked_s,
+            "buckets_s": list(BUCKETS_S),
+            "service_hist": list(self.service_hist),
+            "service_sum_s": self.service_sum_s,
+            "join_wait_hist": list(self.join_hist),
+            "join_wait_sum_s": self.join_sum_s,
         }
 
 
@@ -132,6 +156,8 @@ class Stage:
         self._threads: list[threading.Thread] = []
         self._sent: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._computing: int | None = None  # the input the runner has now
+        self._first_part: dict[int, float] = {}  # seq -> when its first part came (joins)
+        self._started_at = time.perf_counter()
         self._lock = threading.Lock()
 
     def start(
@@ -169,6 +195,7 @@ class Stage:
         self._socket_bytes = quarter
         self._send_queue = ByteQueue(QUEUE_DEPTH, quarter)
         self._joins = JoinTable(frozenset(senders), quarter, epoch)
+        self._started_at = time.perf_counter()
         for target, label in ((self._compute_loop, "compute"), (self._send_loop, "send")):
             thread = threading.Thread(
                 target=target, name=f"tvmpipe-{self.name}-{label}", daemon=True
@@ -215,6 +242,7 @@ class Stage:
             summary["stale"] = self._joins.counters.stale
             summary["duplicates"] = self._joins.counters.duplicates
         summary.update(self.placement)
+        summary["uptime_s"] = time.perf_counter() - self._started_at
         summary["send_queue"] = self._send_queue.qsize()
         summary["queued_bytes"] = self._send_queue.nbytes()
         return summary
@@ -267,11 +295,26 @@ class Stage:
             self.stats.bytes_in += size
             if msg.type is MsgType.STOP:
                 return None
+            epoch = self._joins.epoch
             parts = self._joins.offer(msg, size)
+            if len(self._joins.senders) > 1:
+                self._time_join(msg.seq, parts is not None, epoch != self._joins.epoch)
             if parts is None:
                 return None
         del msg
         return self._assemble(parts)
+
+    def _time_join(self, seq: int, complete: bool, new_epoch: bool) -> None:
+        """How long an input set waited for its last part (holding ``_lock``)."""
+        if new_epoch:
+            self._first_part.clear()
+        now = time.perf_counter()
+        if not complete:
+            self._first_part.setdefault(seq, now)
+            return
+        waited = now - self._first_part.pop(seq, now)
+        self.stats.observe(self.stats.join_hist, waited)
+        self.stats.join_sum_s += waited
 
     def _assemble(self, parts: dict[str, Message]) -> tuple[int, int, Any] | None:
         """An input set's tensors by name, or the first error one of its parts carried."""
@@ -294,7 +337,11 @@ class Stage:
         if self._on_compute_start is not None:
             self.placement = self._on_compute_start()
         while not self._stopping.is_set():
+            idle = time.perf_counter()
             item = self._receive()
+            waited = time.perf_counter() - idle
+            with self._lock:
+                self.stats.waiting_s += waited
             if item is None:
                 continue
             seq, epoch, payload = item
@@ -314,6 +361,9 @@ class Stage:
             elapsed = time.perf_counter() - started
             with self._lock:
                 self.stats.service_times.append(elapsed)
+                self.stats.busy_s += elapsed
+                self.stats.service_sum_s += elapsed
+                self.stats.observe(self.stats.service_hist, elapsed)
                 if isinstance(result, RemoteError):
                     self.stats.failed += 1
                 else:
@@ -372,13 +422,18 @@ class Stage:
             return True
         except zmq.Again:
             pass
-        while not self._stopping.is_set():
-            self._apply_rewires()
-            push = self._socket(name, size)
-            if push.poll(POLL_MS, zmq.POLLOUT):
-                push.send_multipart(frames, copy=False)
-                return True
-        return False
+        blocked = time.perf_counter()
+        try:
+            while not self._stopping.is_set():
+                self._apply_rewires()
+                push = self._socket(name, size)
+                if push.poll(POLL_MS, zmq.POLLOUT):
+                    push.send_multipart(frames, copy=False)
+                    return True
+            return False
+        finally:
+            with self._lock:
+                self.stats.send_blocked_s += time.perf_counter() - blocked
 
     def _socket(self, name: str, message_bytes: int) -> zmq.Socket[Any]:
         """The socket to ``name``; its high-water mark holds ``_socket_bytes`` of such messages."""
@@ -410,9 +465,14 @@ class Stage:
 
     def _put(self, item: tuple[int, int, Any], nbytes: int) -> None:
         """Queue an output for the send thread, waiting for room (gives way to stop())."""
+        if self._send_queue.put(item, nbytes, timeout=0):
+            return
+        blocked = time.perf_counter()
         while not self._stopping.is_set():
             if self._send_queue.put(item, nbytes, timeout=POLL_MS / 1000):
-                return
+                break
+        with self._lock:
+            self.stats.blocked_s += time.perf_counter() - blocked
 
 
 def _nbytes(result: Any) -> int:
