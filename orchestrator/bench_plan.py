@@ -21,6 +21,7 @@ onto the slow board, so its sweep takes far longer than SqueezeNet's. ``$TVMPIPE
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import itertools
 import os
@@ -224,7 +225,7 @@ def run_model(model: Model, boards: Any, settings: Settings, work: Path) -> list
 
         sides: dict[str, Callable[[], float]] = {"planned": planned}
         for rank, (_, cuts, keys) in enumerate(swept[:RECHECK], start=1):
-            sides[f"swept {rank}"] = lambda c=cuts, k=keys: measure(c, k, count)[0]
+            sides[f"swept {rank}"] = functools.partial(_first, measure, cuts, keys, count)
         sides["macs"] = lambda: measure(macs_cuts, KEYS, count)[0]
         say(f"measuring the plan, the best {RECHECK} swept and the multiply-add split...")
         medians, samples = alternate(settings.reps, sides)
@@ -318,3 +319,8 @@ def run(settings: Settings) -> list[Row]:
             rows.extend(run_model(model, boards, settings, Path(work)))
     print()
     return rows
+
+
+def _first(measure: Callable[..., tuple[float, Any]], *args: Any) -> float:
+    """The rate of one measured choice (the first of what ``measure`` returns)."""
+    return measure(*args)[0]

@@ -177,9 +177,8 @@ def mismatches(got: Sequence[list[np.ndarray]], expected: Sequence[list[np.ndarr
 
 
 def stage_table(stats: dict[str, Any], predicted: Sequence[float] | None = None) -> list[str]:
-    header = ("stage", "device", "worker", "cores", "threads", "inputs", "mean ms", "p99 ms")
-    if predicted is not None:
-        header = (*header, "planned ms")
+    header: tuple[str, ...] = ("stage", "device", "worker", "cores", "threads", "inputs")
+    header += ("mean ms", "p99 ms") + (() if predicted is None else ("planned ms",))
     rows = [header]
     for index, (name, s) in enumerate(stats["stages"].items()):
         planned = () if predicted is None else (f"{predicted[index] * 1e3:.1f}",)

@@ -51,11 +51,11 @@ class PipelineCollector(Collector):
             if "unreachable" in data:
                 continue
             labels = [name, str(data.get("worker", "")), str(data.get("device", ""))]
-            for key, family in counters.items():
-                family.add_metric(labels, float(data.get(key, 0)))
-            for key, family in hists.items():
+            for key, counter in counters.items():
+                counter.add_metric(labels, float(data.get(key, 0)))
+            for key, hist in hists.items():
                 buckets = _buckets(data.get("buckets_s", []), data.get(f"{key}_hist", []))
-                family.add_metric(labels, buckets, float(data.get(f"{key}_sum_s", 0.0)))
+                hist.add_metric(labels, buckets, float(data.get(f"{key}_sum_s", 0.0)))
             queued.add_metric(labels, float(data.get("queued_bytes", 0)))
         yield from counters.values()
         yield from hists.values()
