@@ -26,6 +26,8 @@ TENSOR_BYTES = 1 << 20
 TARGET = 0.95
 INPUTS = (100, 20)  # per repetition, after the window that fills the chain: full, quick
 SLEEPS = 20
+TRACED_CHAIN = 4
+TRACE_TARGET = 0.97  # tracing may cost at most 3 % of throughput
 
 
 def busy_library(stages: int) -> PipelineLibrary:
@@ -41,13 +43,15 @@ def busy_library(stages: int) -> PipelineLibrary:
     return build_pipeline(cfg)
 
 
-def chain_rates(stages: int, item: dict[str, np.ndarray], settings: Settings) -> list[float]:
+def chain_rates(
+    stages: int, item: dict[str, np.ndarray], settings: Settings, trace: bool = False
+) -> list[float]:
     """Steady inputs per second of a chain of ``stages``, once per repetition."""
     window = 2 * stages  # one input computing and one queued at every stage
     inputs = [item] * (window + settings.count(*INPUTS))
     lib = busy_library(stages)
     try:
-        with PipelineModule(lib, window=window) as pipe:
+        with PipelineModule(lib, window=window, trace=trace) as pipe:
             time.sleep(SETTLE_S)
             stream_rate(pipe, inputs[: 2 * window], window, 0)  # warm-up
             return [stream_rate(pipe, inputs, window, window) for _ in range(settings.reps)]
@@ -82,4 +86,19 @@ def run(settings: Settings, busy_ms: float) -> list[Row]:
                 note=f"window {2 * stages}; time.sleep({busy_ms:g} ms) takes {slept:.2f} ms here",
             )
         )
+    traced = chain_rates(TRACED_CHAIN, item, settings, trace=True)
+    plain = chain_rates(TRACED_CHAIN, item, settings)
+    rows.append(
+        Row(
+            NAME,
+            f"{TRACED_CHAIN} stages of {busy_ms:g} ms, tracing on vs off",
+            "inputs/s",
+            median(traced),
+            median(plain),
+            "tracing off",
+            target=TRACE_TARGET,
+            samples={"tvmpipe": traced, "baseline": plain},
+            note="PipelineModule(trace=True): every stage and the client keep each input's times",
+        )
+    )
     return rows

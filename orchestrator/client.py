@@ -31,6 +31,7 @@ from tvmpipe.proto.errors import (
     InputError,
     NothingToRunError,
     PipelineClosedError,
+    PipelineError,
     ProtocolError,
     StageLostError,
 )
@@ -64,6 +65,7 @@ LINGER_MS = 1000
 QUEUE_BYTES = 64 << 20  # what each stage may buffer, queues and sockets together
 MAX_RESTARTS = 10
 RESULT_TIMEOUT_S = 60.0
+TRACE_KEPT = 4096  # inputs whose timeline the client keeps when tracing
 
 
 class PipelineModule:
@@ -78,6 +80,8 @@ class PipelineModule:
 
     ``plan=`` (from ``plan_pipeline``) puts each stage where the plan says.
     ``metrics_port`` (0: any free port) serves Prometheus metrics at ``metrics_address``.
+    ``trace=True`` records each input's timeline in every stage and here (the most recent
+    ``TRACE_KEPT``), for ``write_trace``.
     ``deploy_timeout`` bounds placing each stage. ``restart=True`` deploys a lost stage again
     (at most ``max_restarts`` times) and sends the inputs in flight again; it keeps a copy of
     every input until its result arrives. An input whose result has not come ``result_timeout``
@@ -104,6 +108,7 @@ class PipelineModule:
         result_timeout: float = RESULT_TIMEOUT_S,
         plan: Plan | None = None,
         metrics_port: int | None = None,
+        trace: bool = False,
     ):
         if sum(x is not None for x in (servers, tracker, cluster)) > 1:
             raise ValueError("give at most one of servers, tracker and cluster")
@@ -157,6 +162,12 @@ class PipelineModule:
         port = self._pull.bind_to_random_port(f"tcp://{bind_host}")
         self.address = f"tcp://{client_host}:{port}"
         self._fleet = Fleet(self.lib, places, self.wiring, bind_host, client_host, deploy_timeout)
+        self._fleet.trace = trace
+        self._timeline: collections.OrderedDict[int, dict[str, float]] | None = (
+            collections.OrderedDict() if trace else None
+        )
+        self._clock_offsets: dict[str, float] = {}
+        self._trace_lock = threading.Lock()  # the timeline: the sending and receiving threads
         self._monitor: StageMonitor | None = None
         self._recovery: Recovery | None = None
         self._receiver: threading.Thread | None = None
@@ -174,6 +185,8 @@ class PipelineModule:
             self._monitor.start()
             self._recovery.start()
             self._receiver.start()
+            if trace:
+                self._clock_offsets = self._fleet.clock_offsets()
             if metrics_port is not None:
                 self._metrics = MetricsServer(self.stats, bind_host, metrics_port)
                 self.metrics_address = self._metrics.address
@@ -341,6 +354,18 @@ class PipelineModule:
             print(text)
         return text
 
+    def write_trace(self, path: str | Path, png: bool = True) -> tuple[Path, Path | None]:
+        """The recorded timelines as Chrome trace-event JSON (Perfetto opens it), one track per
+        stage, clocks aligned; and a Gantt chart as a PNG beside it. Needs ``trace=True``."""
+        if self._timeline is None:
+            raise PipelineError("write_trace needs PipelineModule(..., trace=True)")
+        from .trace import write_trace
+
+        stages = self._fleet.traces()
+        with self._trace_lock:
+            client = [dict(r) for r in self._timeline.values() if "result" in r]
+        return write_trace(path, stages, client, self._clock_offsets, png=png)
+
     # ----- lifetime
     def close(self) -> None:
         """Stop every stage, close sockets and sessions, stop the workers started here."""
@@ -410,6 +435,18 @@ class PipelineModule:
 
     def _send_now(self, seq: int, epoch: int, inputs: dict[str, np.ndarray]) -> bool:
         """Send (holding ``_send_lock``); False if a stage was lost meanwhile."""
+        if self._timeline is None:
+            return self._send_frames(seq, epoch, inputs)
+        with self._trace_lock:  # the first send is the one timed
+            record = self._timeline.setdefault(seq, {"seq": seq, "send_start": time.time()})
+            if len(self._timeline) > TRACE_KEPT:
+                self._timeline.popitem(last=False)
+        sent = self._send_frames(seq, epoch, inputs)
+        with self._trace_lock:
+            record.setdefault("send_end", time.time())
+        return sent
+
+    def _send_frames(self, seq: int, epoch: int, inputs: dict[str, np.ndarray]) -> bool:
         deadline = time.monotonic() + self.timeout
         for stage, tensors in self.wiring.client_messages(inputs):
             frames = encode(Message.data(seq, CLIENT, tensors, epoch))
@@ -549,6 +586,11 @@ class PipelineModule:
             return self._sequencer.expects(seq)
 
     def _deliver(self, seq: int, result: list[np.ndarray] | Exception) -> None:
+        if self._timeline is not None:
+            with self._trace_lock:
+                record = self._timeline.get(seq)
+                if record is not None:
+                    record.setdefault("result", time.time())
         with self._cond:
             _, future = self._sequencer.accept(seq, result, time.monotonic())
             self._cond.notify_all()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -64,6 +65,7 @@ class Fleet:
         self.local_workers: list[LocalWorker] = []
         self.worker_of: dict[str, LocalWorker] = {}  # "stage" or "stage relay" -> its worker
         self._params_set: dict[str, dict[str, np.ndarray]] = {}  # replayed on a new session
+        self.trace = False  # stages keep each input's timeline
 
     # ----- deploying
     def deploy(self, client_address: str, queue_bytes: int, epoch: int) -> None:
@@ -119,7 +121,7 @@ class Fleet:
     def start(self, name: str, client_address: str, queue_bytes: int, epoch: int) -> None:
         """Start one stage (every stage it sends to has started): it binds its sockets."""
         message = self.wiring.start_message(
-            name, self.addresses, client_address, queue_bytes, epoch
+            name, self.addresses, client_address, queue_bytes, epoch, self.trace
         )
         reply = json.loads(self.sessions[name].call("tvmpipe.stage.start", message))
         self.addresses[name] = dict(reply["addresses"])
@@ -210,6 +212,32 @@ class Fleet:
                 return name, f"stage {name!r} never received it"
         last = self.lib.stages[-1].name
         return last, "every stage sent it on; its result was lost on the way to this client"
+
+    def traces(self) -> dict[str, list[dict[str, float]]]:
+        """Each stage's recent input timelines (tracing), in its own clock."""
+        found = {}
+        for name, session in self.sessions.items():
+            try:
+                found[name] = json.loads(session.call("tvmpipe.stage.traces", wait=STATS_WAIT_S))
+            except DeployError:
+                found[name] = []  # lost: its timeline went with it
+        return found
+
+    def clock_offsets(self, samples: int = 5) -> dict[str, float]:
+        """Seconds each stage's clock is ahead of this one's: the remote time minus the middle of
+        the call, from the call with the shortest round trip."""
+        offsets = {}
+        for name, session in self.sessions.items():
+            best: tuple[float, float] | None = None
+            for _ in range(samples):
+                before = time.time()
+                remote = float(session.call("tvmpipe.clock"))
+                after = time.time()
+                if best is None or after - before < best[0]:
+                    best = (after - before, remote - (before + after) / 2)
+            assert best is not None
+            offsets[name] = best[1]
+        return offsets
 
     # ----- lifetime
     def close(self) -> None:

@@ -99,6 +99,7 @@ class Wiring:
         client: str,
         queue_bytes: int,
         epoch: int,
+        trace: bool = False,
     ) -> str:
         """What ``tvmpipe.stage.start`` takes; ``addresses[dst][stage]`` is where to send."""
         return json.dumps(
@@ -107,6 +108,7 @@ class Wiring:
                 "destinations": self.destinations(stage, addresses, client),
                 "queue_bytes": queue_bytes,
                 "epoch": epoch,
+                "trace": trace,
             }
         )
 

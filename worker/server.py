@@ -11,6 +11,8 @@ ordinary RPC server. The controller, through the session, uploads a stage artifa
     tvmpipe.stage.rewire(json)               a next stage was deployed again: send to its address;
                                              returns once the send thread has switched
     tvmpipe.stage.locate(int) -> json        where input #seq is: waiting for parts, sent, unseen
+    tvmpipe.stage.traces() -> json           each recent input's timeline (when tracing)
+    tvmpipe.clock() -> float                 this worker's time.time(), to align clocks
     tvmpipe.stage.set_params(bytes)          replace parameter-group weights (a proto blob)
     tvmpipe.stage.stats() -> json            counters, queue depths, service times
     tvmpipe.stage.stop()                     stop the loops and close the sockets
@@ -33,6 +35,7 @@ import json
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -143,7 +146,8 @@ def _start(wiring_json: str) -> str:
     senders = {str(name): int(limit) for name, limit in wiring["senders"].items()}
     queue_bytes = int(wiring.get("queue_bytes", QUEUE_BYTES))
     epoch = int(wiring.get("epoch", 0))
-    addresses = _current().start(senders, destinations, queue_bytes, epoch)
+    trace = bool(wiring.get("trace", False))
+    addresses = _current().start(senders, destinations, queue_bytes, epoch, trace)
     return json.dumps({"addresses": addresses})
 
 
@@ -154,6 +158,14 @@ def _rewire(request_json: str) -> None:
 
 def _locate(seq: int) -> str:
     return json.dumps(_current().locate(int(seq)))
+
+
+def _traces() -> str:
+    return json.dumps(_current().traces())
+
+
+def _clock() -> float:
+    return time.time()
 
 
 def _set_params(blob: bytearray) -> None:
@@ -178,6 +190,8 @@ def register_functions() -> None:
         ("tvmpipe.stage.start", _start),
         ("tvmpipe.stage.rewire", _rewire),
         ("tvmpipe.stage.locate", _locate),
+        ("tvmpipe.stage.traces", _traces),
+        ("tvmpipe.clock", _clock),
         ("tvmpipe.stage.set_params", _set_params),
         ("tvmpipe.stage.stats", _stats),
         ("tvmpipe.stage.stop", _stop),

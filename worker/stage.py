@@ -65,6 +65,7 @@ SENT_KEPT = 4096  # sequence numbers remembered as sent, for locate()
 # convention: cumulative counts per bound, the last bound is +Inf).
 BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REWIRE_TIMEOUT_S = 10.0
+TRACE_KEPT = 4096  # inputs whose timeline a tracing stage keeps (the most recent)
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,8 @@ class Stage:
         self._computing: int | None = None  # the input the runner has now
         self._first_part: dict[int, float] = {}  # seq -> when its first part came (joins)
         self._started_at = time.perf_counter()
+        self._trace: collections.deque[dict[str, float]] | None = None  # done, when tracing
+        self._timeline: dict[int, dict[str, float]] = {}  # inputs under way, when tracing
         self._lock = threading.Lock()
 
     def start(
@@ -166,11 +169,13 @@ class Stage:
         destinations: list[Destination],
         queue_bytes: int = QUEUE_BYTES,
         epoch: int = 0,
+        trace: bool = False,
     ) -> dict[str, str]:
         """Bind one socket per sender and start the loops; returns each sender's address.
 
         ``senders`` maps each sender to the largest frame it may send (0: unknown); the stage
-        buffers at most ``queue_bytes`` and starts in ``epoch``.
+        buffers at most ``queue_bytes`` and starts in ``epoch``. ``trace``: keep each input's
+        timeline (``traces()``).
         """
         if self._threads:
             raise RuntimeError(f"stage {self.name!r} is already running")
@@ -196,6 +201,8 @@ class Stage:
         self._send_queue = ByteQueue(QUEUE_DEPTH, quarter)
         self._joins = JoinTable(frozenset(senders), quarter, epoch)
         self._started_at = time.perf_counter()
+        if trace:
+            self._trace = collections.deque(maxlen=TRACE_KEPT)
         for target, label in ((self._compute_loop, "compute"), (self._send_loop, "send")):
             thread = threading.Thread(
                 target=target, name=f"tvmpipe-{self.name}-{label}", daemon=True
@@ -299,10 +306,40 @@ class Stage:
             parts = self._joins.offer(msg, size)
             if len(self._joins.senders) > 1:
                 self._time_join(msg.seq, parts is not None, epoch != self._joins.epoch)
+            if self._trace is not None:
+                self._mark_arrival(msg.seq, msg.epoch, parts is not None)
             if parts is None:
                 return None
         del msg
         return self._assemble(parts)
+
+    def _mark_arrival(self, seq: int, epoch: int, complete: bool) -> None:
+        """Tracing: when an input's first and last parts came (holding ``_lock``)."""
+        now = time.time()
+        record = self._timeline.get(seq)
+        if record is None or record["epoch"] != epoch:
+            record = self._timeline[seq] = {"seq": seq, "epoch": epoch, "first_part": now}
+            if len(self._timeline) > TRACE_KEPT:
+                del self._timeline[next(iter(self._timeline))]
+        if complete:
+            record["complete"] = now
+
+    def _mark(self, seq: int, phase: str) -> None:
+        """Tracing: when input ``seq`` reached ``phase``; "sent" closes its timeline."""
+        if self._trace is None:
+            return
+        with self._lock:
+            record = self._timeline.get(seq)
+            if record is None:
+                return
+            record[phase] = time.time()
+            if phase == "sent":
+                self._trace.append(self._timeline.pop(seq))
+
+    def traces(self) -> list[dict[str, float]]:
+        """The timelines of the most recent inputs (empty unless started with ``trace``)."""
+        with self._lock:
+            return list(self._trace or ())
 
     def _time_join(self, seq: int, complete: bool, new_epoch: bool) -> None:
         """How long an input set waited for its last part (holding ``_lock``)."""
@@ -349,6 +386,7 @@ class Stage:
             if isinstance(payload, RemoteError):
                 self._put((seq, epoch, payload), 0)
                 continue
+            self._mark(seq, "start")
             started = time.perf_counter()
             self._computing = seq
             try:
@@ -359,6 +397,7 @@ class Stage:
             del payload
             self._computing = None
             elapsed = time.perf_counter() - started
+            self._mark(seq, "end")
             with self._lock:
                 self.stats.service_times.append(elapsed)
                 self.stats.busy_s += elapsed
@@ -399,6 +438,7 @@ class Stage:
                     self.stats.bytes_out += size
                 del frames
             del result
+            self._mark(seq, "sent")
             with self._lock:
                 self.stats.sent += 1
                 self._sent[seq] = None
