@@ -46,6 +46,7 @@ from .library import (
     remove_with,
     sha256_of,
 )
+from .progress import stage_progress
 from .signature import is_relax_module, signature_of
 
 
@@ -59,12 +60,15 @@ class _CompileJob:
     relax_pipeline: Any = "default"
 
 
-def build_pipeline(cfg: PipelineModuleConfig, *, jobs: int | None = None) -> PipelineLibrary:
-    """Compile each stage under the active PassContext; ``jobs`` caps parallel compiles."""
+def build_pipeline(
+    cfg: PipelineModuleConfig, *, jobs: int | None = None, progress: bool | None = None
+) -> PipelineLibrary:
+    """Compile each stage under the active PassContext; ``jobs`` caps parallel compiles.
+    ``progress``: a bar on stderr (default: when it is a terminal)."""
     cfg.validate()
     directory = new_build_directory()
     try:
-        lib = _build_into(cfg, directory, jobs)
+        lib = _build_into(cfg, directory, jobs, progress)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -72,7 +76,9 @@ def build_pipeline(cfg: PipelineModuleConfig, *, jobs: int | None = None) -> Pip
     return lib
 
 
-def _build_into(cfg: PipelineModuleConfig, directory: Path, jobs: int | None) -> PipelineLibrary:
+def _build_into(
+    cfg: PipelineModuleConfig, directory: Path, jobs: int | None, progress: bool | None
+) -> PipelineLibrary:
     stages: list[StageInfo] = []
     compile_jobs: list[_CompileJob] = []
     for module in cfg.topological_order():
@@ -116,7 +122,8 @@ def _build_into(cfg: PipelineModuleConfig, directory: Path, jobs: int | None) ->
             info = _python_stage(module, directory, common)
         stages.append(info)
 
-    _compile_all(compile_jobs, jobs or os.cpu_count() or 1)
+    with stage_progress("compiling", len(compile_jobs), progress) as bar:
+        _compile_all(compile_jobs, jobs or os.cpu_count() or 1, bar)
     for info in stages:
         info.sha256 = sha256_of(directory / info.artifact)
 
@@ -203,7 +210,7 @@ def _compile_one(job: _CompileJob) -> None:
         raise BuildError(f"stage {job.stage!r} failed to compile for {job.target}: {exc}") from exc
 
 
-def _compile_all(jobs: list[_CompileJob], parallel: int) -> None:
+def _compile_all(jobs: list[_CompileJob], parallel: int, bar: Any = None) -> None:
     """Default compiles go to forked children while this process compiles the build_func ones.
 
     After the first failure nothing new starts; running children are waited for, so none
@@ -224,11 +231,18 @@ def _compile_all(jobs: list[_CompileJob], parallel: int) -> None:
             running[_fork_compile(job)] = job
 
     start(parallel - 1 if here else parallel)  # this process takes a core for its own jobs
+
+    def compiled(job: _CompileJob) -> None:
+        if bar is not None:
+            bar.set_postfix_str(f"{job.stage} compiled", refresh=False)
+            bar.update(1)
+
     for job in here:
         if failures:
             break
         try:
             _compile_one(job)
+            compiled(job)
         except BuildError as exc:
             failures.append(exc)
     while running or (pending and not failures):
@@ -237,6 +251,8 @@ def _compile_all(jobs: list[_CompileJob], parallel: int) -> None:
         job = running.pop(pid)
         if status != 0:
             failures.append(_child_failure(job, status))
+        else:
+            compiled(job)
     if len(failures) == 1:
         raise failures[0]
     if failures:

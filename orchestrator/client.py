@@ -81,7 +81,8 @@ class PipelineModule:
     ``plan=`` (from ``plan_pipeline``) puts each stage where the plan says.
     ``metrics_port`` (0: any free port) serves Prometheus metrics at ``metrics_address``.
     ``trace=True`` records each input's timeline in every stage and here (the most recent
-    ``TRACE_KEPT``), for ``write_trace``.
+    ``TRACE_KEPT``), for ``write_trace``. ``progress``: deploying shows a bar on stderr
+    (default: when it is a terminal; False: never).
     ``deploy_timeout`` bounds placing each stage. ``restart=True`` deploys a lost stage again
     (at most ``max_restarts`` times) and sends the inputs in flight again; it keeps a copy of
     every input until its result arrives. An input whose result has not come ``result_timeout``
@@ -109,6 +110,7 @@ class PipelineModule:
         plan: Plan | None = None,
         metrics_port: int | None = None,
         trace: bool = False,
+        progress: bool | None = None,
     ):
         if sum(x is not None for x in (servers, tracker, cluster)) > 1:
             raise ValueError("give at most one of servers, tracker and cluster")
@@ -174,7 +176,7 @@ class PipelineModule:
         self._metrics: MetricsServer | None = None
         self.metrics_address: str | None = None
         try:
-            self._fleet.deploy(self.address, queue_bytes, epoch=0)
+            self._fleet.deploy(self.address, queue_bytes, epoch=0, progress=progress)
             for name in self.wiring.input_stages():
                 self._pushes[name] = self._input_socket(self._fleet.addresses[name][CLIENT])
             self._monitor = StageMonitor(list(self._fleet.sessions.values()), self._stage_lost)

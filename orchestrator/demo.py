@@ -122,7 +122,7 @@ def run_pipeline(
     """Stream the inputs through the pipeline on a LocalCluster; the run and the stats."""
     n_stages = len(lib.stages)
     with step("deploying the stages by tracker key"):
-        pipe = PipelineModule(lib, tracker=cluster.tracker)
+        pipe = PipelineModule(lib, tracker=cluster.tracker, progress=False)
     with pipe:
         window = WINDOW_PER_STAGE * n_stages
         pipe.report(show=False)  # its interval starts here
@@ -304,7 +304,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"each stage: {count}, {where}")
         building = f"building {n_stages} stages and the unsplit model (opt_level=3)"
         with step(building), tvm.transform.PassContext(opt_level=3):
-            lib = build_pipeline(cfg)
+            lib = build_pipeline(cfg, progress=False)  # the steps print their own lines
             executable = tvm.compile(mod, "llvm")
         try:
             pipeline, stats = run_pipeline(lib, inputs, cluster)

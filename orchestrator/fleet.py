@@ -35,6 +35,7 @@ from .deploy import (
     start_local_workers,
 )
 from .library import PipelineLibrary, StageInfo
+from .progress import stage_progress
 from .wiring import CLIENT, Wiring
 
 log = logging.getLogger("tvmpipe")
@@ -68,15 +69,22 @@ class Fleet:
         self.trace = False  # stages keep each input's timeline
 
     # ----- deploying
-    def deploy(self, client_address: str, queue_bytes: int, epoch: int) -> None:
+    def deploy(
+        self, client_address: str, queue_bytes: int, epoch: int, progress: bool | None = None
+    ) -> None:
         """Place, load and start every stage; on failure the caller closes the fleet."""
         local = [s.name for s in self.lib.stages if self.plan.placements[s.name] == Placement()]
         if local:  # started together: each takes a second or so to import TVM
             workers = start_local_workers(len(local), self._bind_host)
             self.local_workers = workers
             self.worker_of = dict(zip(local, workers, strict=True))
-        for stage in self.lib.stages:
-            self.sessions[stage.name] = self.place(stage)
+        with stage_progress("deploying", len(self.lib.stages), progress) as bar:
+            for stage in self.lib.stages:
+                self.sessions[stage.name] = self.place(stage)
+                size = self.lib.artifact_path(stage).stat().st_size
+                where = self.sessions[stage.name].peer
+                bar.set_postfix_str(f"{stage.name}: {size >> 10} KiB to {where}, loaded")
+                bar.update(1)
         for name in self.wiring.start_order():
             self.start(name, client_address, queue_bytes, epoch)
 
