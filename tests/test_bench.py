@@ -54,7 +54,7 @@ def test_quick_bench_reports_every_comparison(tmp_path: Path) -> None:
     for row in rows:
         assert row["tvmpipe"] > 0 and row["baseline"] > 0 and row["ratio"] > 0, row
         assert row["met"] in (True, False, None)
-    assert sum(r["target"] is not None for r in rows) >= 8  # every target of the issue
+    assert sum(r["target"] is not None for r in rows) >= 7  # quick: two of the three chains
     assert report["machine"]["cpu_count"] >= 1
     assert not report["errors"]
     for row in rows:  # the table prints every row
