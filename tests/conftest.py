@@ -10,6 +10,24 @@ import numpy as np
 import psutil
 import pytest
 
+# The slowest files, started first: make test runs two pytest-xdist processes that each take a
+# whole file at a time, and a long file started last would run alone at the end.
+SLOW_FIRST = (
+    "test_bench.py",
+    "test_demo.py",
+    "test_real_networks.py",
+    "test_chaos.py",
+    "test_recovery.py",
+    "test_unequal_boards.py",
+    "test_real_network.py",
+    "test_memory.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable
+
 
 @pytest.fixture
 def tmp_package_dir(tmp_path: Path) -> Path:
