@@ -269,8 +269,6 @@ class Stage:
     # ----- the compute loop
     def _receive(self) -> tuple[int, int, Any] | None:
         """The next complete input set, or None after ``POLL_MS`` without one."""
-        with self._lock:
-            readable = self._joins.readable()
         if len(self._pulls) == 1:  # one sender: no poller, and no poll when a message waits
             sender, pull = next(iter(self._pulls.items()))
             try:
@@ -280,6 +278,8 @@ class Stage:
                     return None
                 frames = pull.recv_multipart(copy=False)
         else:
+            with self._lock:
+                readable = self._joins.readable()
             poller = zmq.Poller()
             for name in readable:
                 poller.register(self._pulls[name], zmq.POLLIN)
