@@ -2,6 +2,7 @@
 
 tvmpipe info PIPE_DIR     print a package's stages, targets, devices and graph
 tvmpipe plan MODEL [...]  measure a model's pieces on the workers and plan the split
+tvmpipe tune MODEL [...]  tune a model's workloads with MetaSchedule on a worker of each kind
 tvmpipe demo [...]        the demo of ``make demo``
 tvmpipe cluster [...]     a loopback tracker and workers, until Ctrl-C
 tvmpipe bench [...]       the benchmarks of ``make bench``: a table and a JSON file
@@ -17,6 +18,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from importlib import metadata
+from typing import Any
 
 PROG = "tvmpipe"
 
@@ -24,6 +26,7 @@ PROG = "tvmpipe"
 COMMANDS = {
     "info": "print an exported pipeline package: stages, devices, graph",
     "plan": "measure a model on the workers and plan where to cut and run it",
+    "tune": "tune a model with MetaSchedule on its workers; results in a database per kind",
     "demo": "run a real network split into stages; check every result",
     "cluster": "run TVM's tracker and tvmpipe workers on loopback until Ctrl-C",
     "bench": "measure tvmpipe against its baselines: a table and a JSON file",
@@ -130,7 +133,26 @@ def plan_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cache", help="where measurements are cached (~/.cache/tvmpipe)")
     parser.add_argument("--cluster-out", help="also write the plan as a cluster file here")
+    parser.add_argument(
+        "--secret-file", help="the workers' secret (their --secret-file; $TVMPIPE_SECRET_FILE)"
+    )
     return parser
+
+
+def use_secret_file(parser: argparse.ArgumentParser, path: str | None) -> None:
+    """Check the workers' secret file now; the sessions of this command find it through
+    $TVMPIPE_SECRET_FILE, as every connection to a worker does."""
+    if path is None:
+        return
+    import os
+
+    from tvmpipe.proto.rpcauth import ENV_SECRET_FILE, SecretFileError, load_secret
+
+    try:
+        load_secret(path)
+    except SecretFileError as exc:
+        parser.error(str(exc))
+    os.environ[ENV_SECRET_FILE] = path
 
 
 def _plan(rest: Sequence[str]) -> int:
@@ -142,6 +164,7 @@ def _plan(rest: Sequence[str]) -> int:
 
     parser = plan_parser()
     args = parser.parse_args(rest)
+    use_secret_file(parser, args.secret_file)
     targets = {}
     for item in args.target:
         kind, sep, text = item.partition("=")
@@ -180,6 +203,99 @@ def _plan(rest: Sequence[str]) -> int:
     return 0
 
 
+def tune_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"{PROG} tune", description=COMMANDS["tune"] + ".")
+    parser.add_argument("model", help="an .onnx file, or a model of the onnx package (light_...)")
+    parser.add_argument("--database", required=True, help="the database directory (made if new)")
+    parser.add_argument("--trials", type=int, default=64, help="trials per workload (64)")
+    parser.add_argument(
+        "--target",
+        default="llvm",
+        help="the workers' target: a string, JSON, or 'host' (llvm for this machine's CPU)",
+    )
+    parser.add_argument("--device", default="cpu", help="the workers' device (cpu)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--tracker", help="HOST:PORT of TVM's RPC tracker (with --key)")
+    where.add_argument("--server", help="HOST:PORT of a worker to measure on")
+    parser.add_argument("--key", default="", help="the workers' tracker key")
+    parser.add_argument("--cuts", help="also tune these stages, e.g. 42,82")
+    parser.add_argument(
+        "--segments", type=int, default=0, help="also tune the N pieces plan measures"
+    )
+    return parser
+
+
+def _tune(rest: Sequence[str]) -> int:
+    """Tune; a summary per workload on stdout, errors one line on stderr and exit status 1."""
+    import json
+    from pathlib import Path
+
+    from tvmpipe.proto.errors import TvmpipeError
+
+    parser = tune_parser()
+    args = parser.parse_args(rest)
+    tracker = None
+    if args.tracker:
+        host, _, port = args.tracker.rpartition(":")
+        if not host or not port.isdigit():
+            parser.error(f"--tracker {args.tracker!r}: expected HOST:PORT")
+        if not args.key:
+            parser.error("--tracker needs --key: the kind of worker to measure on")
+        tracker = (host, int(port))
+    from .measure import candidate_cuts
+    from .models import load_onnx_file, load_onnx_model
+    from .split import split_module
+    from .tune import host_target, tune_pipeline
+
+    target = args.target
+    if target == "host":
+        target = host_target()
+    elif target.startswith("{"):
+        target = json.loads(target)
+    try:
+        model = args.model
+        mod = load_onnx_file(model) if Path(model).is_file() else load_onnx_model(model)
+        pipelines: list[Any] = [mod]
+        if args.cuts:
+            pipelines.append(split_module(mod, [int(c) for c in args.cuts.split(",")]))
+        if args.segments:
+            pipelines.append(split_module(mod, candidate_cuts(mod, args.segments)))
+        for cfg in pipelines[1:]:
+            for module in cfg.modules:
+                cfg[module].target = target
+                cfg[module].device = args.device
+                cfg[module].rpc_key = args.key
+        results = []
+        for pipeline in pipelines:
+            stages = len(getattr(pipeline, "modules", [pipeline]))
+            results += tune_pipeline(
+                pipeline,
+                args.database,
+                trials=args.trials,
+                target=target,
+                device=args.device,
+                key=args.key,
+                tracker=tracker,
+                servers=[args.server] * stages if args.server else None,
+            )
+    except (TvmpipeError, OSError, ValueError) as exc:
+        print(f"{PROG} tune: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} tune: interrupted; what was measured is kept, run again to resume")
+        return 130
+    seen = set()  # a workload the pieces share with the whole model is listed once
+    print(f"{'workload':<48} {'trials':>7} {'new':>5} {'best us':>10}")
+    for r in results:
+        if (r.kind, r.workload) in seen:
+            continue
+        seen.add((r.kind, r.workload))
+        best = "-" if r.best_s is None else f"{r.best_s * 1e6:.1f}"
+        print(f"{r.name[:48]:<48} {r.trials_before + r.trials_run:>7} {r.trials_run:>5} {best:>10}")
+    print(f"database: {args.database} ({', '.join(sorted({r.kind for r in results}))})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -194,6 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _info(info_parser().parse_args(rest).package)
     if command == "plan":
         return _plan(rest)
+    if command == "tune":
+        return _tune(rest)
     if command == "demo":
         from .demo import main as demo_main
 

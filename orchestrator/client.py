@@ -16,6 +16,8 @@ sockets around them.
 from __future__ import annotations
 
 import collections
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -43,6 +45,8 @@ from tvmpipe.proto.messages import (
     decode,
     encode,
 )
+from tvmpipe.proto.security import CURVE, CURVE_FRAME_OVERHEAD, Guard
+from tvmpipe.proto.transport import local_endpoint
 
 from .cluster import load_cluster, plan_from_arguments
 from .deploy import REQUEST_TIMEOUT_S
@@ -75,7 +79,10 @@ class PipelineModule:
     ``servers=["host:port", ...]`` uses running workers in stage order; ``tracker=(host, port)``
     asks TVM's tracker for a worker by each stage's ``rpc_key``; ``cluster="file.toml"`` reads
     both from a cluster file. A stage on TVM's own RPC server (no tvmpipe there) runs in relay
-    mode. ``client_host`` is the address the last stages send results to (this machine as the
+    mode only with ``allow_relay=True`` (or per stage in the cluster file). ``secret_file``
+    (default: the cluster file's, else ``$TVMPIPE_SECRET_FILE``): the workers' secret, which
+    this controller proves it holds, and they prove they hold (README, Security).
+    ``client_host`` is the address the last stages send results to (this machine as the
     workers see it); ``bind_host`` is where this process listens (default: ``client_host``).
 
     ``plan=`` (from ``plan_pipeline``) puts each stage where the plan says.
@@ -89,6 +96,9 @@ class PipelineModule:
     seconds (60) after it was sent, while no other result came either, is
     sent again (``restart=True``) or fails with ResultTimeoutError. ``queue_bytes`` bounds what
     each stage buffers; ``window`` bounds the inputs in flight and those queued by set_input.
+    ``security``: who may send on the data plane. "auto" (default) admits only this pipeline's
+    own parties, checked when they connect on loopback and encrypted (CURVE) elsewhere;
+    "encrypt" everywhere, "auth" nowhere, "off" admits anyone (README, Security).
     """
 
     def __init__(
@@ -111,6 +121,9 @@ class PipelineModule:
         metrics_port: int | None = None,
         trace: bool = False,
         progress: bool | None = None,
+        security: str = "auto",
+        secret_file: str | Path | None = None,
+        allow_relay: bool = False,
     ):
         if sum(x is not None for x in (servers, tracker, cluster)) > 1:
             raise ValueError("give at most one of servers, tracker and cluster")
@@ -138,7 +151,7 @@ class PipelineModule:
         self.timeout = timeout
         self.result_timeout = result_timeout
         self.queue_bytes = queue_bytes
-        self.wiring = Wiring(self.lib)
+        self.wiring = Wiring(self.lib, security)
         self._closed = False
         self._lost: StageLostError | None = None
         self._cond = threading.Condition()  # guards the sequencer, the queues and the pause
@@ -154,16 +167,34 @@ class PipelineModule:
         self._stopping = threading.Event()
         self._context = zmq.Context()
         self._pushes: dict[str, zmq.Socket[Any]] = {}
+        self._guard = Guard(self._context, self.wiring.share(CLIENT))
         self._pull = self._context.socket(zmq.PULL)
-        limit = self.wiring.output_frame_limit()
-        self._pull.setsockopt(
-            zmq.MAXMSGSIZE, max(MAX_HEADER_BYTES, limit) if limit else MAX_FRAME_BYTES
-        )
         self._pull.setsockopt(zmq.RCVHWM, HWM)
         self._pull.setsockopt(zmq.LINGER, 0)
-        port = self._pull.bind_to_random_port(f"tcp://{bind_host}")
-        self.address = f"tcp://{client_host}:{port}"
-        self._fleet = Fleet(self.lib, places, self.wiring, bind_host, client_host, deploy_timeout)
+        limit = self.wiring.output_frame_limit()
+        limit = max(MAX_HEADER_BYTES, limit) if limit else MAX_FRAME_BYTES
+        mechanism = self._guard.serve(
+            self._pull, self.wiring.output_stages(), f"tcp://{client_host}"
+        )
+        self._pull.setsockopt(zmq.MAXMSGSIZE, limit + CURVE_FRAME_OVERHEAD * (mechanism == CURVE))
+        self._socket_dir: str | None = None
+        if local_endpoint(client_host):  # Unix sockets on loopback, as the stages (stage.py)
+            self._socket_dir = tempfile.mkdtemp(prefix="tvmpipe-")
+            self.address = f"ipc://{self._socket_dir}/results.sock"
+            self._pull.bind(self.address)
+        else:
+            port = self._pull.bind_to_random_port(f"tcp://{bind_host}")
+            self.address = f"tcp://{client_host}:{port}"
+        self._fleet = Fleet(
+            self.lib,
+            places,
+            self.wiring,
+            bind_host,
+            client_host,
+            deploy_timeout,
+            secret_file or places.secret_file,
+            allow_relay,
+        )
         self._fleet.trace = trace
         self._timeline: collections.OrderedDict[int, dict[str, float]] | None = (
             collections.OrderedDict() if trace else None
@@ -178,7 +209,7 @@ class PipelineModule:
         try:
             self._fleet.deploy(self.address, queue_bytes, epoch=0, progress=progress)
             for name in self.wiring.input_stages():
-                self._pushes[name] = self._input_socket(self._fleet.addresses[name][CLIENT])
+                self._pushes[name] = self._input_socket(name, self._fleet.addresses[name][CLIENT])
             self._monitor = StageMonitor(list(self._fleet.sessions.values()), self._stage_lost)
             self._recovery = Recovery(self, self._fleet, self._monitor, restart, max_restarts)
             self._receiver = threading.Thread(
@@ -196,10 +227,11 @@ class PipelineModule:
             self.close()
             raise
 
-    def _input_socket(self, address: str) -> zmq.Socket[Any]:
+    def _input_socket(self, stage: str, address: str) -> zmq.Socket[Any]:
         push = self._context.socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, HWM)
         push.setsockopt(zmq.LINGER, LINGER_MS)
+        self._guard.present(push, stage, address)
         push.connect(address)
         return push
 
@@ -335,6 +367,8 @@ class PipelineModule:
                 "restarts_left": recovery.restarts_left if recovery and recovery.restart else 0,
                 **self._counters,
             }
+        client["security"] = self._guard.mode
+        client["refused"] = self._guard.refused()
         return {"stages": stages, "client": client}
 
     def report(self, show: bool = True) -> str:
@@ -390,7 +424,10 @@ class PipelineModule:
             for push in self._pushes.values():
                 push.close(linger=0)
         self._pull.close(linger=0)
+        self._guard.close()
         self._context.term()
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
         with self._cond:
             futures = self._sequencer.fail_all(PipelineClosedError("the pipeline was closed"))
         for future in futures:
@@ -481,7 +518,7 @@ class PipelineModule:
     def replace_input_socket(self, stage: str, address: str) -> None:
         with self._send_lock:
             self._pushes.pop(stage).close(linger=0)
-            self._pushes[stage] = self._input_socket(address)
+            self._pushes[stage] = self._input_socket(stage, address)
 
     def resend_all(self, end_pause: bool) -> None:
         """Open a new epoch and send every input in flight again; maybe end the pause."""
@@ -551,6 +588,9 @@ class PipelineModule:
             except ProtocolError:
                 self._counters["dropped"] += 1
                 continue
+            if self._guard.mode != "off" and msg.sender != _peer(frames[0]):
+                self._counters["forged"] += 1  # an admitted party claiming to be another
+                continue
             if msg.type is MsgType.STOP or msg.sender not in senders or not self._expects(msg.seq):
                 self._counters["dropped"] += 1
                 continue
@@ -601,3 +641,12 @@ class PipelineModule:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+def _peer(frame: zmq.Frame) -> str | None:
+    """The party ZeroMQ authenticated for this message's connection (None: not authenticated)."""
+    try:
+        peer = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return peer if isinstance(peer, str) else None

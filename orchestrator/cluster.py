@@ -1,8 +1,9 @@
 """Where each stage runs: placements from ``servers=``, ``tracker=`` or a cluster file.
 
 A cluster file (TOML; see deploy/cluster.example.toml) names the tracker, how the workers
-reach this controller, and per stage a tracker key or a direct ``host:port`` plus worker
-options. Every mistake in it is reported with the file and the place in it.
+reach this controller and the workers' secret file, and per stage a tracker key or a direct
+``host:port`` plus worker options and whether relay mode is allowed. Every mistake in it is
+reported with the file and the place in it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class Placement:
     server: str | None = None
     key: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # cpu_affinity, num_threads
+    allow_relay: bool = False  # may run on a plain TVM RPC server (relay mode)
 
 
 @dataclass
@@ -37,9 +39,17 @@ class ClusterPlan:
     tracker: tuple[str, int] | None = None
     client_host: str | None = None
     bind_host: str | None = None
+    secret_file: str | None = None  # relative to the cluster file's folder
 
 
-STAGE_SETTINGS = {"key": str, "server": str, "cpu_affinity": str, "num_threads": int}
+STAGE_SETTINGS = {
+    "key": str,
+    "server": str,
+    "cpu_affinity": str,
+    "num_threads": int,
+    "allow_relay": bool,
+}
+CONTROLLER_SETTINGS: dict[str, type] = {"client_host": str, "bind_host": str, "secret_file": str}
 SECTIONS = {"tracker", "controller", "stages"}
 
 
@@ -77,7 +87,7 @@ def load_cluster(path: str | Path, lib: PipelineLibrary) -> ClusterPlan:
         raise ClusterFileError(f"{where}: unknown section(s) {unknown}; valid: {sorted(SECTIONS)}")
     tracker = _tracker(data.get("tracker"), where)
     controller = _table(data.get("controller", {}), f"{where}: [controller]")
-    _only(controller, {"client_host": str, "bind_host": str}, f"{where}: [controller]")
+    _only(controller, CONTROLLER_SETTINGS, f"{where}: [controller]")
     stages = _table(data.get("stages", {}), f"{where}: [stages]")
     names = [s.name for s in lib.stages]
     for name in stages:
@@ -107,9 +117,17 @@ def load_cluster(path: str | Path, lib: PipelineLibrary) -> ClusterPlan:
                 f"{place}: key {key!r} needs a [tracker] section with host and port"
             )
         options = {k: v for k, v in settings.items() if k in ("cpu_affinity", "num_threads")}
-        placements[stage.name] = Placement(server=server, key=key, options=options)
+        relay = settings.get("allow_relay", False)
+        placements[stage.name] = Placement(server, key, options, relay)
+    secret_file = controller.get("secret_file")
+    if secret_file is not None:
+        secret_file = str(Path(path).parent / Path(secret_file).expanduser())
     return ClusterPlan(
-        placements, tracker, controller.get("client_host"), controller.get("bind_host")
+        placements,
+        tracker,
+        controller.get("client_host"),
+        controller.get("bind_host"),
+        secret_file,
     )
 
 
@@ -137,7 +155,9 @@ def _only(table: dict[str, Any], allowed: dict[str, type], place: str) -> None:
             raise ClusterFileError(
                 f"{place}: unknown setting {name!r}; valid: {', '.join(sorted(allowed))}"
             )
-        if not isinstance(value, allowed[name]) or isinstance(value, bool):
+        if not isinstance(value, allowed[name]) or isinstance(value, bool) != (
+            allowed[name] is bool
+        ):
             raise ClusterFileError(
                 f"{place}: {name} must be a {allowed[name].__name__}, not {value!r}"
             )

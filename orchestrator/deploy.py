@@ -2,6 +2,10 @@
 
 Each stage gets its own RPC session; the session is the stage's lifetime. Every RPC error is
 mapped here to a DeployError that names the stage and the worker.
+
+With a secret (the controller's secret file: ``secret_file=``, else ``$TVMPIPE_SECRET_FILE``)
+every session is opened with a proof that this controller holds it, and every worker must prove
+in its handshake that it holds it too, before anything is uploaded (proto/rpcauth.py).
 """
 
 from __future__ import annotations
@@ -32,6 +36,16 @@ from tvmpipe.proto.errors import (
     VersionMismatchError,
 )
 from tvmpipe.proto.messages import check_handshake, handshake_info
+from tvmpipe.proto.rpcauth import (
+    ENV_SECRET_FILE,
+    NO_PROOF,
+    REFUSED,
+    answer_is_right,
+    load_secret,
+    new_challenge,
+    secret_file_from_env,
+    session_proof,
+)
 
 from .library import PipelineLibrary, StageInfo
 
@@ -45,10 +59,19 @@ CONNECT_FLOOR_S = 2.0  # a worker granted at the last moment still gets this lon
 class LocalWorker:
     """A ``tvmpipe-worker`` child process on loopback; it exits when this process goes away."""
 
-    def __init__(self, host: str = "127.0.0.1", extra_args: Sequence[str] = ()):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        extra_args: Sequence[str] = (),
+        secret_file: str | None = None,
+    ):
+        """``secret_file`` (default: ``$TVMPIPE_SECRET_FILE``, if set): the worker's secret."""
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         command = [sys.executable, "-m", "tvmpipe.worker", "--host", host, "--port", "0"]
         command += ["--exit-with-parent", "--silent", *extra_args]
+        secret_file = secret_file or secret_file_from_env()
+        if secret_file:
+            command += ["--secret-file", secret_file]
         self.process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr
         )
@@ -101,15 +124,26 @@ class LocalWorker:
 
 
 class PlainServerError(DeployError):
-    """The server is TVM's own RPC server, without tvmpipe: the stage runs in relay mode."""
+    """The server is TVM's own RPC server, without tvmpipe: the stage may run in relay mode."""
+
+
+class SecretError(DeployError):
+    """The worker refused this controller's secret (or its lack), or did not prove its own."""
+
+
+def controller_secret(secret_file: str | os.PathLike[str] | None = None) -> bytes | None:
+    """The secret in ``secret_file``, else in ``$TVMPIPE_SECRET_FILE``; None if neither."""
+    path = secret_file or secret_file_from_env()
+    return load_secret(path) if path else None
 
 
 class StageSession:
     """One stage on one worker, through one RPC session; calls are serialised."""
 
-    def __init__(self, stage: StageInfo, session: Any, peer: str):
+    def __init__(self, stage: StageInfo, session: Any, peer: str, secret: bytes | None = None):
         self.stage = stage
         self.peer = peer
+        self._secret = secret  # the worker must prove it holds it too
         self._session: Any = session
         self._functions: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -147,16 +181,31 @@ class StageSession:
             self._lock.release()
 
     def handshake(self) -> None:
-        """Check versions; a server without tvmpipe raises PlainServerError (relay mode)."""
+        """Check versions, and with a secret that the worker holds it; a server without
+        tvmpipe raises PlainServerError (relay mode, if allowed)."""
+        mine = handshake_info()
+        if self._secret is not None:
+            mine["challenge"] = challenge = new_challenge()
         try:
-            reply = json.loads(self.call("tvmpipe.handshake", json.dumps(handshake_info())))
+            reply = json.loads(self.call("tvmpipe.handshake", json.dumps(mine)))
         except DeployError as exc:
-            if "has no function 'tvmpipe.handshake'" in str(exc):
-                raise PlainServerError(
-                    f"stage {self.stage.name!r}: {self.peer} is a plain TVM RPC server"
-                ) from exc
-            raise
-        check_handshake(handshake_info(), reply, f"worker {self.peer}")
+            if "has no function 'tvmpipe.handshake'" not in str(exc):
+                raise
+            reply = None
+        if reply is None:  # raised here, unchained: TVM's error holds the session open
+            where = self.peer
+            if self.rpc_address != self.peer:  # placed by the tracker: name the server too
+                where = f"{self.rpc_address} ({self.peer})"
+            raise PlainServerError(f"stage {self.stage.name!r}: {where} is a plain TVM RPC server")
+        check_handshake(mine, reply, f"worker {self.peer}")
+        if self._secret is not None and not answer_is_right(
+            self._secret, challenge, reply.get("answer")
+        ):
+            raise SecretError(
+                f"stage {self.stage.name!r}: worker {self.peer} did not prove that it holds this "
+                f"controller's secret (it runs without --secret-file, or with another secret, or "
+                f"is not the worker it claims to be); nothing was sent to it"
+            )
         self.devices = list(reply.get("devices", []))
         self.remote_pid = reply.get("pid")
         self.rpc_address = str(reply.get("rpc_address", ""))
@@ -259,9 +308,14 @@ def _remote_message(exc: BaseException) -> str:
 
 
 def connect_server(
-    stage: StageInfo, address: str, timeout: float = REQUEST_TIMEOUT_S
+    stage: StageInfo,
+    address: str,
+    timeout: float = REQUEST_TIMEOUT_S,
+    secret: bytes | None = None,
 ) -> StageSession:
     """An RPC session with the server at ``address``, or a DeployError within ``timeout``.
+
+    ``secret``: the controller's secret (default: that of ``$TVMPIPE_SECRET_FILE``, if set).
 
     Raises DeployError, within ``timeout``: nothing listens there ("refused the connection"),
     the host did not accept a TCP connection ("timed out"), or the server accepted it but did
@@ -272,12 +326,23 @@ def connect_server(
         raise DeployError(f"stage {stage.name!r}: server address {address!r} is not HOST:PORT")
     what = f"stage {stage.name!r}: server {address}"
     hint = f"start a worker there (tvmpipe-worker --port {port}) or fix the address"
-    session = _connect_rpc(what, host, int(port), "", timeout, hint)
-    return StageSession(stage, session, address)
+    secret = controller_secret() if secret is None else secret
+    session = _connect_rpc(stage, what, host, int(port), "", timeout, hint, secret)
+    return StageSession(stage, session, address, secret)
 
 
-def _connect_rpc(what: str, host: str, port: int, key: str, timeout: float, hint: str) -> Any:
-    """rpc.connect within ``timeout`` (at least CONNECT_FLOOR_S once the server has answered).
+def _connect_rpc(
+    stage: StageInfo,
+    what: str,
+    host: str,
+    port: int,
+    key: str,
+    timeout: float,
+    hint: str,
+    secret: bytes | None,
+) -> Any:
+    """rpc.connect within ``timeout`` (at least CONNECT_FLOOR_S once the server has answered),
+    with a proof of ``secret`` in the key string (a plain TVM server ignores it).
 
     A probe first: TVM's connect leaks its socket when it fails, and waits forever on a
     server that never answers.
@@ -285,12 +350,27 @@ def _connect_rpc(what: str, host: str, port: int, key: str, timeout: float, hint
     deadline = time.monotonic() + timeout
     _probe_rpc(what, host, port, timeout, hint)
     remaining = max(CONNECT_FLOOR_S, deadline - time.monotonic())
-    return _bounded(
-        lambda: rpc.connect(host, port, key, session_timeout=0),
-        remaining,
-        f"{what}: cannot open an RPC session",
-        f"{what} answered but did not open an RPC session within {remaining:g} s",
-    )
+    if secret is not None:
+        key = f"{key} {session_proof(secret)}"
+    try:
+        return _bounded(
+            lambda: rpc.connect(host, port, key, session_timeout=0),
+            remaining,
+            f"{what}: cannot open an RPC session",
+            f"{what} answered but did not open an RPC session within {remaining:g} s",
+        )
+    except DeployError as exc:
+        if REFUSED not in str(exc):
+            raise
+        reason = str(exc).split(REFUSED, 1)[1].strip()
+        who = f"stage {stage.name!r}: the worker at {host}:{port}"
+        if reason.startswith(NO_PROOF):
+            raise SecretError(
+                f"{who} requires a secret: pass secret_file=... to PipelineModule (or "
+                f"secret_file in the cluster file's [controller], --secret-file to tvmpipe, "
+                f"or ${ENV_SECRET_FILE}), the same secret as its --secret-file"
+            ) from exc
+        raise SecretError(f"{who} refused this controller's secret: {reason}") from exc
 
 
 # Longer than any key a server expects: TVM's C++ server fails hard on a shorter one.
@@ -424,8 +504,12 @@ def request_from_tracker(
     tracker: tuple[str, int],
     key: str | None = None,
     timeout: float = REQUEST_TIMEOUT_S,
+    secret: bytes | None = None,
 ) -> StageSession:
     """Ask the tracker for a free worker registered under ``key`` (default: the stage's).
+
+    The tracker hands out the worker's address and match key; this controller then connects to
+    the worker directly, with a proof of ``secret`` (as in connect_server).
 
     Raises TrackerUnreachableError within min(TRACKER_TIMEOUT_S, timeout) if the tracker does
     not answer; NoWorkerError at once if no worker is registered under the key, or after
@@ -477,8 +561,11 @@ def request_from_tracker(
     remaining = max(CONNECT_FLOOR_S, started + timeout - time.monotonic())
     what = f"{who}worker {url}:{worker_port} (key {key!r}, from the tracker at {host}:{port})"
     hint = "check the address the worker registered (its --custom-addr) is reachable from here"
-    session = _connect_rpc(what, url, int(worker_port), matchkey, remaining, hint)
-    return StageSession(stage, session, f"{key}@{host}:{port}")
+    secret = controller_secret() if secret is None else secret
+    session = _connect_rpc(stage, what, url, int(worker_port), matchkey, remaining, hint, secret)
+    placed = StageSession(stage, session, f"{key}@{host}:{port}", secret)
+    placed.rpc_address = f"{url}:{worker_port}"  # until the worker says where it is
+    return placed
 
 
 def _bounded(
@@ -509,9 +596,11 @@ def _bounded(
     return result["value"]
 
 
-def start_local_workers(count: int, host: str = "127.0.0.1") -> list[LocalWorker]:
+def start_local_workers(
+    count: int, host: str = "127.0.0.1", secret_file: str | None = None
+) -> list[LocalWorker]:
     """Start ``count`` loopback workers at once and wait until each is listening."""
-    workers = [LocalWorker(host) for _ in range(count)]
+    workers = [LocalWorker(host, secret_file=secret_file) for _ in range(count)]
     try:
         for worker in workers:
             worker.wait_ready()

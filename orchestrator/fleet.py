@@ -5,13 +5,16 @@ order of the data flow (``Wiring.start_order``): a stage binds one receive socke
 when it starts, so its senders learn where to send only afterwards. ``replace`` deploys one
 lost stage again and rewires the stages that send to it (see recovery.py for the protocol).
 A stage on TVM's own RPC server (no tvmpipe there) runs in relay mode, from a local stage
-process; that is logged and shown in ``stats()``.
+process, only where the user allowed it (``allow_relay``): such a server takes code from anyone
+and cannot check the secret, so one registered at the tracker under a stage's key could be
+anybody's. Relay mode is logged and shown in ``stats()``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +26,7 @@ import psutil
 
 from tvmpipe.proto.errors import DeployError
 from tvmpipe.proto.messages import Message, encode_blob
+from tvmpipe.proto.rpcauth import secret_file_from_env
 
 from .cluster import ClusterPlan, Placement
 from .deploy import (
@@ -31,6 +35,7 @@ from .deploy import (
     PlainServerError,
     StageSession,
     connect_server,
+    controller_secret,
     request_from_tracker,
     start_local_workers,
 )
@@ -51,11 +56,19 @@ class Fleet:
         bind_host: str,
         client_host: str,
         deploy_timeout: float = REQUEST_TIMEOUT_S,
+        secret_file: str | os.PathLike[str] | None = None,
+        allow_relay: bool = False,
     ):
+        """``secret_file`` (default ``$TVMPIPE_SECRET_FILE``): the workers' secret, which the
+        loopback workers started here get too; ``allow_relay``: every stage may run in relay
+        mode (a cluster file may allow it per stage)."""
         self.lib = lib
         self.plan = plan
         self.wiring = wiring
         self.deploy_timeout = deploy_timeout
+        self.secret_file = str(secret_file) if secret_file else secret_file_from_env()
+        self.secret: bytes | None = None  # read in deploy()
+        self.allow_relay = allow_relay
         self._bind_host = bind_host
         self._client_host = client_host
         self._lock = threading.Lock()
@@ -73,9 +86,10 @@ class Fleet:
         self, client_address: str, queue_bytes: int, epoch: int, progress: bool | None = None
     ) -> None:
         """Place, load and start every stage; on failure the caller closes the fleet."""
+        self.secret = controller_secret(self.secret_file)
         local = [s.name for s in self.lib.stages if self.plan.placements[s.name] == Placement()]
         if local:  # started together: each takes a second or so to import TVM
-            workers = start_local_workers(len(local), self._bind_host)
+            workers = start_local_workers(len(local), self._bind_host, self.secret_file)
             self.local_workers = workers
             self.worker_of = dict(zip(local, workers, strict=True))
         with stage_progress("deploying", len(self.lib.stages), progress) as bar:
@@ -93,26 +107,33 @@ class Fleet:
         place = self.plan.placements[stage.name]
         stage = replace(stage, **place.options)
         relay: dict[str, Any] | None = None
-        timeout = self.deploy_timeout
+        timeout, secret = self.deploy_timeout, self.secret
         if place.server is not None:
             host, _, port = place.server.rpartition(":")
-            session = connect_server(stage, place.server, timeout)
+            session = connect_server(stage, place.server, timeout, secret)
             relay = {"host": host, "port": port, "board": place.server}
         elif place.key is not None:
             assert self.plan.tracker is not None
-            session = request_from_tracker(stage, self.plan.tracker, place.key, timeout)
+            session = request_from_tracker(stage, self.plan.tracker, place.key, timeout, secret)
             tracker_host, tracker_port = self.plan.tracker
             board = f"a worker with key {place.key!r} at tracker {tracker_host}:{tracker_port}"
             relay = {"tracker": [tracker_host, tracker_port], "key": place.key, "board": board}
         else:
             worker = self._local_worker(stage.name, fresh=fresh_worker)
-            session = connect_server(stage, f"{worker.host}:{worker.port}", timeout)
+            session = connect_server(stage, f"{worker.host}:{worker.port}", timeout, secret)
         try:
             try:
                 session.handshake()
-            except PlainServerError:
+            except PlainServerError as exc:
                 if relay is None:
                     raise
+                if not (self.allow_relay or place.allow_relay):
+                    raise DeployError(
+                        f"{exc} (no tvmpipe there, so nothing checks who sends it code): "
+                        f"refusing to run the stage there in relay mode; if that server is "
+                        f"yours, pass allow_relay=True to PipelineModule, or set "
+                        f"allow_relay = true in [stages.{stage.name}] of the cluster file"
+                    ) from exc
                 session.close()  # frees the plain server for the relay's own session
                 session = self._relay_session(stage, relay)
             else:
@@ -267,7 +288,7 @@ class Fleet:
             worker.process.kill()  # dead, or not answering: it may be frozen
             worker.stop()
             self.local_workers.remove(worker)
-        worker = LocalWorker(self._bind_host, extra_args)
+        worker = LocalWorker(self._bind_host, extra_args, self.secret_file)
         self.local_workers.append(worker)
         worker.wait_ready(self.deploy_timeout)
         self.worker_of[key] = worker
@@ -302,7 +323,8 @@ class Fleet:
         )
         self.relay_boards[stage.name] = board
         worker = self._local_worker(f"{stage.name} relay", ["--custom-addr", self._client_host])
-        session = connect_server(stage, f"{worker.host}:{worker.port}", self.deploy_timeout)
+        address = f"{worker.host}:{worker.port}"
+        session = connect_server(stage, address, self.deploy_timeout, self.secret)
         session.handshake()
         return session
 

@@ -249,6 +249,7 @@ class LocalCluster:
         *,
         timeout: float = START_TIMEOUT_S,
         python: str = sys.executable,
+        secret_file: str | None = None,
     ):
         if n_workers < 1:
             raise ValueError(f"a cluster needs at least one worker, got {n_workers}")
@@ -259,6 +260,7 @@ class LocalCluster:
         self.n_workers = n_workers
         self.workers: list[tuple[str, int]] = []  # each worker's RPC address, in start order
         self._python = python
+        self._secret_file = secret_file  # the workers' --secret-file
         self._timeout = timeout
         self._tracker: _Child | None = None
         self._tracker_port = 0
@@ -380,6 +382,8 @@ class LocalCluster:
         argv = [self._python, "-m", "tvmpipe.worker", "--host", self.host, "--port", "0"]
         argv += ["--tracker", f"{self.host}:{self._tracker_port}", "--key", self.key]
         argv += ["--exit-with-parent", "--silent"]
+        if self._secret_file:
+            argv += ["--secret-file", self._secret_file]
         what = f"tvmpipe-worker {index} (key {self.key!r})"
         return _Child(what, argv, group=False, read_stdout=True)
 
@@ -433,6 +437,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
         default=START_TIMEOUT_S,
         help=f"seconds to wait for start-up (default {START_TIMEOUT_S:g})",
     )
+    parser.add_argument(
+        "--secret-file", help="the workers' secret (see tvmpipe-worker --secret-file)"
+    )
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
@@ -449,7 +456,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         print(f"starting TVM's tracker and {args.workers} workers...", flush=True)
-        with LocalCluster(args.workers, args.key, args.host, timeout=args.timeout) as cluster:
+        with LocalCluster(
+            args.workers, args.key, args.host, timeout=args.timeout, secret_file=args.secret_file
+        ) as cluster:
             host, port = cluster.tracker
             print(f"tracker {host}:{port}; {args.workers} workers under key {args.key!r}:")
             for i, (whost, wport) in enumerate(cluster.workers):

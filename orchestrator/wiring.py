@@ -16,6 +16,7 @@ import numpy as np
 
 from tvmpipe.proto.errors import StageError
 from tvmpipe.proto.messages import Message, MsgType
+from tvmpipe.proto.security import Keyring
 
 from .library import PipelineLibrary
 from .signature import TensorSpec
@@ -24,8 +25,23 @@ CLIENT = "client"
 
 
 class Wiring:
-    def __init__(self, lib: PipelineLibrary):
+    def __init__(self, lib: PipelineLibrary, security: str = "off"):
         self.lib = lib
+        self.keyring = Keyring.generate(security, self.edges())
+
+    def edges(self) -> list[tuple[str, str]]:
+        """Every (sender, receiver) pair of the data plane, the client included."""
+        pairs = [(sender, s.name) for s in self.lib.stages for sender in self.senders(s.name)]
+        return pairs + [(stage, CLIENT) for stage in sorted(self.output_stages())]
+
+    def receivers(self, party: str) -> list[str]:
+        """Whom ``party`` (a stage or the client) sends to."""
+        return sorted({r for s, r in self.edges() if s == party})
+
+    def share(self, party: str) -> dict[str, Any]:
+        """``party``'s credentials: see proto/security.py."""
+        senders = self.senders(party) if party != CLIENT else sorted(self.output_stages())
+        return self.keyring.share(party, senders, self.receivers(party))
 
     def input_stages(self) -> list[str]:
         names = {b.stage for b in self.lib.inputs}
@@ -109,6 +125,7 @@ class Wiring:
                 "queue_bytes": queue_bytes,
                 "epoch": epoch,
                 "trace": trace,
+                "security": self.share(stage),
             }
         )
 

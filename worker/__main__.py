@@ -7,6 +7,10 @@ prints one line, ``tvmpipe-worker ready HOST:PORT``, which is how a parent that 
 ``--port 0`` learns the port. With ``--exit-with-parent`` it exits when its standard input
 closes, which happens when the process that started it goes away, however it went.
 
+``--secret-file PATH``: serve sessions only to controllers that prove they hold the secret in
+PATH (proto/rpcauth.py); the file must be readable by its owner only. Without it, anyone who
+reaches the port can run code here, and the worker says so once at start-up.
+
 TVM is imported only once the flags are read, so ``tvmpipe-worker --help`` answers at once.
 """
 
@@ -54,6 +58,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--custom-addr", default=None, help="address to report to the tracker and to peer stages"
     )
     parser.add_argument("--silent", action="store_true", help="log errors only")
+    parser.add_argument(
+        "--secret-file",
+        default=None,
+        help="serve only controllers that prove they hold the secret in this file (mode 0600); "
+        "without it, anyone who reaches the port can run code on this machine",
+    )
     parser.add_argument(
         "--exit-with-parent",
         action="store_true",
@@ -117,8 +127,24 @@ def _watch_stdin() -> None:
     _shutdown()
 
 
+NO_SECRET_WARNING = (
+    "tvmpipe-worker: warning: no --secret-file: anyone who can reach {where} can run code on "
+    "this machine as this user. Give --secret-file (the controller passes the same secret) "
+    "and bind to loopback or a private network (--host)."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    secret = None
+    if args.secret_file is not None:
+        from tvmpipe.proto.rpcauth import SecretFileError, load_secret
+
+        try:
+            secret = load_secret(args.secret_file)
+        except SecretFileError as exc:
+            print(f"tvmpipe-worker: {exc}", file=sys.stderr)
+            return 1
     if args.silent:
         logging.getLogger("RPCServer").setLevel(logging.ERROR)
     tracker = None
@@ -134,12 +160,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         state = run_server(
-            args.host, port, port_end, tracker, args.key, args.custom_addr, args.silent
+            args.host, port, port_end, tracker, args.key, args.custom_addr, args.silent, secret
         )
     except (OSError, ValueError) as exc:  # TVM raises ValueError when every port is taken
         ports = f"port {port}" if port_end == port + 1 else f"ports [{port}, {port_end})"
         print(f"tvmpipe-worker: cannot listen on {args.host}, {ports}: {exc}", file=sys.stderr)
         return 1
+    if secret is None:
+        print(NO_SECRET_WARNING.format(where=f"{args.host}:{state.port}"), file=sys.stderr)
     print(f"tvmpipe-worker ready {args.host}:{state.port}", flush=True)
     while state.thread.is_alive():
         state.thread.join(0.5)

@@ -50,6 +50,11 @@ class ByteQueue(Generic[T]):
             self._cond.notify_all()
             return item
 
+    def wait(self, timeout: float) -> bool:
+        """Whether an item is there, waiting up to ``timeout`` seconds for one."""
+        with self._cond:
+            return bool(self._items) or self._cond.wait_for(lambda: bool(self._items), timeout)
+
     def _has_room(self, nbytes: int) -> bool:
         if not self._items:
             return True

@@ -24,6 +24,12 @@ ordinary RPC server. The controller, through the session, uploads a stage artifa
 A stage lives as long as its session: the session loop is wrapped so that, however the session
 ends (the controller closes it, or dies and its socket drops), the stage is stopped before the
 session process exits.
+
+Two guards wrap TVM's server too. With a secret (``--secret-file``) a connection is served only
+if its key string carries a valid proof (proto/rpcauth.py); this is checked in the listening
+process, before the session process is forked, so a refused client runs nothing. And every
+session's path-taking functions (upload, download, remove, load_module, ...) are confined to the
+session's own directory.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +52,7 @@ import tvm_ffi
 from tvm.rpc import _ffi_api as rpc_ffi
 
 from tvmpipe.proto.messages import check_handshake, decode_blob, handshake_info
+from tvmpipe.proto.rpcauth import PROOF_OPTION, REFUSED, ProofChecker, worker_answer
 
 from . import probe
 from .placement import check_cores, pin_current_thread
@@ -62,6 +70,9 @@ class WorkerState:
     advertise_host = "127.0.0.1"
     rpc_port = 0
     stage: Stage | None = None
+    work_dir: str | None = None  # the session's directory, removed by TVM when it ends
+    secret: bytes | None = None
+    checker: ProofChecker | None = None  # in the listening process: the sessions' proofs
 
 
 def available_devices() -> list[str]:
@@ -76,9 +87,12 @@ def available_devices() -> list[str]:
 
 
 def _handshake(peer_json: str) -> str:
-    check_handshake(handshake_info(), json.loads(peer_json), "the controller", "this worker")
+    peer = json.loads(peer_json)
+    check_handshake(handshake_info(), peer, "the controller", "this worker")
     rpc_address = f"{WorkerState.advertise_host}:{WorkerState.rpc_port}"
     reply = {**handshake_info(), "devices": available_devices(), "pid": os.getpid()}
+    if WorkerState.secret is not None and isinstance(peer.get("challenge"), str):
+        reply["answer"] = worker_answer(WorkerState.secret, peer["challenge"])
     return json.dumps({**reply, "rpc_address": rpc_address})
 
 
@@ -127,6 +141,7 @@ def _serve(spec: dict[str, Any], runner: Runner) -> str:
         WorkerState.bind_host,
         WorkerState.advertise_host,
         on_compute_start=lambda: pin_current_thread(affinity, threads),
+        socket_dir=WorkerState.work_dir,
     )
     return json.dumps({"address": f"tcp://{WorkerState.advertise_host}", "pid": os.getpid()})
 
@@ -147,7 +162,8 @@ def _start(wiring_json: str) -> str:
     queue_bytes = int(wiring.get("queue_bytes", QUEUE_BYTES))
     epoch = int(wiring.get("epoch", 0))
     trace = bool(wiring.get("trace", False))
-    addresses = _current().start(senders, destinations, queue_bytes, epoch, trace)
+    security = wiring.get("security")
+    addresses = _current().start(senders, destinations, queue_bytes, epoch, trace, security)
     return json.dumps({"addresses": addresses})
 
 
@@ -214,6 +230,8 @@ def _serve_session(sock: Any, load_library: Any, work_path: Any) -> None:
     _die_with_parent()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     tvm_rpc_server._server_env(load_library, work_path)
+    _confine_paths(str(work_path.path))
+    WorkerState.work_dir = str(work_path.path)
     try:
         rpc_ffi.ServerLoop(sock.fileno())
     except Exception as exc:  # the controller went away mid-call: the session is over anyway
@@ -222,10 +240,79 @@ def _serve_session(sock: Any, load_library: Any, work_path: Any) -> None:
         _stop()
 
 
+def _confine_paths(work_dir: str) -> None:
+    """Register TVM's path-taking session functions again so that no path leaves ``work_dir``.
+
+    TVM joins the client's path to the session's directory as given, so "/etc/x" or "../x"
+    reach anywhere. upload, download and remove (C++) find their paths through workpath.
+    """
+    base = os.path.realpath(work_dir)
+
+    def inside(path: str) -> str:
+        full = os.path.realpath(os.path.join(base, path))
+        if os.path.isabs(path) or full == base or os.path.commonpath([base, full]) != base:
+            raise RuntimeError(
+                f"path {path!r} is outside this session's directory: give the name of a file "
+                f"in it (relative, without '..')"
+            )
+        return full
+
+    def checked(name: str) -> Any:
+        original = tvm_ffi.get_global_func(name)
+
+        def call(path: str) -> Any:
+            inside(path)
+            return original(path)
+
+        return call
+
+    confined = {
+        "tvm.rpc.server.workpath": inside,
+        "tvm.rpc.server.load_module": checked("tvm.rpc.server.load_module"),
+        "tvm.rpc.server.download_linked_module": checked("tvm.rpc.server.download_linked_module"),
+    }
+    for name, func in confined.items():
+        tvm_ffi.register_global_func(name, func, override=True)
+
+
+def _server_options(opts: list[str]) -> dict[str, Any]:
+    """TVM's parsing of the client's key options, keeping the session's proof; a malformed
+    -timeout is ignored (TVM's own parsing would raise and end the listening thread)."""
+    try:
+        parsed: dict[str, Any] = _original_parse(opts)
+    except ValueError:
+        parsed = {}
+    proofs = [o[len(PROOF_OPTION) :] for o in opts if o.startswith(PROOF_OPTION)]
+    if proofs:
+        parsed["tvmpipe_proof"] = proofs[0]
+    return parsed
+
+
+def _refuse(sock: Any, addr: Any, reason: str) -> None:
+    """Tell the client why (it receives an RPC error from rpc.connect) and hang up."""
+    logging.getLogger("RPCServer").warning("refused a session from %s: %s", addr, reason)
+    with contextlib.suppress(Exception):
+        rpc_ffi.ReturnException(sock.fileno(), REFUSED + reason)
+        # Read what the client sent before closing: closing on unread data resets the
+        # connection, and the client would see the reset instead of the reason.
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(1.0)
+        while sock.recv(65536):
+            continue
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
 def _serving_that_survives(sock: Any, addr: Any, opts: Any, load_library: Any) -> None:
     """TVM's per-connection handler raises when a session process dies abnormally, which
     would end the listening thread and take the whole worker off the tracker; it also leaves
-    the process in the session's directory, deleted soon after, where the next session fails."""
+    the process in the session's directory, deleted soon after, where the next session fails.
+    With a secret, a connection without a good proof is refused here, before any fork."""
+    if WorkerState.checker is not None:
+        reason = WorkerState.checker.refusal(opts.pop("tvmpipe_proof", None))
+        if reason is not None:
+            _refuse(sock, addr, reason)
+            return
     cwd = os.getcwd()  # TVM moves into the session's directory and, on error, stays there
     try:
         _original_serving(sock, addr, opts, load_library)
@@ -237,12 +324,14 @@ def _serving_that_survives(sock: Any, addr: Any, opts: Any, load_library: Any) -
 
 
 _original_serving = tvm_rpc_server._serving
+_original_parse = tvm_rpc_server._parse_server_opt
 
 
 def install_session_hook() -> None:
-    """Wrap TVM 0.27's session handlers; both are looked up by name for each session."""
+    """Wrap TVM 0.27's session handlers; all three are looked up by name for each session."""
     tvm_rpc_server._serve_loop = _serve_session
     tvm_rpc_server._serving = _serving_that_survives
+    tvm_rpc_server._parse_server_opt = _server_options
 
 
 def run_server(
@@ -253,10 +342,14 @@ def run_server(
     key: str,
     custom_addr: str | None,
     silent: bool,
+    secret: bytes | None = None,
 ) -> Any:
-    """Start listening (and registering with the tracker); returns TVM's server state."""
+    """Start listening (and registering with the tracker); returns TVM's server state.
+    With ``secret``, only clients that prove they hold it get a session."""
     register_functions()
     install_session_hook()
+    WorkerState.secret = secret
+    WorkerState.checker = ProofChecker(secret) if secret is not None else None
     WorkerState.bind_host = host
     WorkerState.advertise_host = custom_addr or (
         host if host not in ("0.0.0.0", "", "::") else "127.0.0.1"

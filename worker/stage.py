@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import bisect
 import collections
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -48,6 +50,8 @@ from tvmpipe.proto.messages import (
     decode,
     encode,
 )
+from tvmpipe.proto.security import CURVE, CURVE_FRAME_OVERHEAD, NULL, Guard
+from tvmpipe.proto.transport import local_endpoint
 
 from .joins import JoinTable
 from .queues import ByteQueue
@@ -137,8 +141,11 @@ class Stage:
         bind_host: str,
         advertise_host: str = "",
         on_compute_start: Callable[[], dict[str, Any]] | None = None,
+        socket_dir: str | None = None,
     ):
         self.name = name
+        self._socket_dir = socket_dir  # for Unix sockets; None: a private one, made on use
+        self._own_dir: str | None = None
         self.runner = runner
         self._bind_host = bind_host
         self._advertise_host = advertise_host or bind_host
@@ -146,12 +153,17 @@ class Stage:
         self.placement: dict[str, Any] = {}  # cores and threads, as the compute thread sees them
         self.stats = StageStats()
         self._context = zmq.Context()
+        self._guard = Guard(self._context, None)
         self._pulls: dict[str, zmq.Socket[Any]] = {}  # sender name -> its own data socket
         self._destinations: list[Destination] = []
         self._pushes: dict[str, zmq.Socket[Any]] = {}  # made by the send loop, on first use
         self._rewires: dict[str, tuple[str, threading.Event]] = {}  # name -> new address
         self._socket_bytes = QUEUE_BYTES // 4
-        self._send_queue: ByteQueue[tuple[int, int, Any]] = ByteQueue(QUEUE_DEPTH, QUEUE_BYTES)
+        # outputs the compute thread could not send at once: seq, epoch, result, destinations
+        self._send_queue: ByteQueue[tuple[int, int, Any, tuple[str, ...]]] = ByteQueue(
+            QUEUE_DEPTH, QUEUE_BYTES
+        )
+        self._send_lock = threading.Lock()  # the sending sockets: either thread may send
         self._joins = JoinTable(frozenset({"client"}), QUEUE_BYTES)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -170,12 +182,14 @@ class Stage:
         queue_bytes: int = QUEUE_BYTES,
         epoch: int = 0,
         trace: bool = False,
+        security: Mapping[str, Any] | None = None,
     ) -> dict[str, str]:
         """Bind one socket per sender and start the loops; returns each sender's address.
 
         ``senders`` maps each sender to the largest frame it may send (0: unknown); the stage
         buffers at most ``queue_bytes`` and starts in ``epoch``. ``trace``: keep each input's
-        timeline (``traces()``).
+        timeline (``traces()``). ``security``: this stage's share of the pipeline's keys
+        (proto/security.py); each socket admits only its own sender.
         """
         if self._threads:
             raise RuntimeError(f"stage {self.name!r} is already running")
@@ -184,18 +198,21 @@ class Stage:
         if queue_bytes < 4:
             raise ValueError(f"queue_bytes must be at least 4, got {queue_bytes}")
         quarter = queue_bytes // 4
-        addresses = {}
+        self._guard = Guard(self._context, security)
+        addresses: dict[str, str] = {}
         for sender, max_frame in senders.items():
             limit = max(MAX_HEADER_BYTES, max_frame) if max_frame > 0 else MAX_FRAME_BYTES
             pull = self._context.socket(zmq.PULL)
-            pull.setsockopt(zmq.MAXMSGSIZE, limit)
             per_sender = quarter // len(senders)
             hwm = min(HWM, per_sender // max_frame) if max_frame > 0 else UNKNOWN_SIZE_HWM
-            pull.setsockopt(zmq.RCVHWM, max(1, hwm))
+            mechanism = self._guard.serve(pull, [sender], f"tcp://{self._advertise_host}")
+            # libzmq queues an authenticated connection's credentials as a first message that
+            # takes one place of the high-water mark for good (a mark of 1 would deadlock)
+            pull.setsockopt(zmq.RCVHWM, max(1, hwm) + (mechanism != NULL))
+            pull.setsockopt(zmq.MAXMSGSIZE, limit + CURVE_FRAME_OVERHEAD * (mechanism == CURVE))
             pull.setsockopt(zmq.LINGER, 0)
-            port = pull.bind_to_random_port(f"tcp://{self._bind_host}")
             self._pulls[sender] = pull
-            addresses[sender] = f"tcp://{self._advertise_host}:{port}"
+            addresses[sender] = self._bind(pull, len(addresses))
         self._destinations = list(destinations)
         self._socket_bytes = quarter
         self._send_queue = ByteQueue(QUEUE_DEPTH, quarter)
@@ -211,6 +228,17 @@ class Stage:
             self._threads.append(thread)
         return addresses
 
+    def _bind(self, pull: zmq.Socket[Any], index: int) -> str:
+        """Bind a receive socket; its address as senders see it."""
+        if local_endpoint(self._advertise_host):
+            if self._socket_dir is None:
+                self._socket_dir = self._own_dir = tempfile.mkdtemp(prefix="tvmpipe-")  # 0700
+            address = f"ipc://{self._socket_dir}/{self.name[:16]}-{index}.sock"
+            pull.bind(address)
+            return address
+        port = pull.bind_to_random_port(f"tcp://{self._bind_host}")
+        return f"tcp://{self._advertise_host}:{port}"
+
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the loops, then close the sockets with a bounded linger and the context."""
         self._stopping.set()
@@ -224,7 +252,10 @@ class Stage:
             pull.close(linger=0)
         for push in self._pushes.values():
             push.close(linger=LINGER_MS)
+        self._guard.close()
         self._context.term()
+        if self._own_dir is not None:
+            shutil.rmtree(self._own_dir, ignore_errors=True)
 
     def rewire(self, name: str, address: str, timeout: float = REWIRE_TIMEOUT_S) -> None:
         """Send to destination ``name`` at ``address`` from now on (it was deployed again).
@@ -248,6 +279,8 @@ class Stage:
             summary["epoch"] = self._joins.epoch
             summary["stale"] = self._joins.counters.stale
             summary["duplicates"] = self._joins.counters.duplicates
+        summary["refused"] = self._guard.refused()
+        summary["security"] = self._guard.mode
         summary.update(self.placement)
         summary["uptime_s"] = time.perf_counter() - self._started_at
         summary["send_queue"] = self._send_queue.qsize()
@@ -384,7 +417,7 @@ class Stage:
             seq, epoch, payload = item
             del item
             if isinstance(payload, RemoteError):
-                self._put((seq, epoch, payload), 0)
+                self._hand_on(seq, epoch, payload)
                 continue
             self._mark(seq, "start")
             started = time.perf_counter()
@@ -407,8 +440,8 @@ class Stage:
                     self.stats.failed += 1
                 else:
                     self.stats.processed += 1
-            self._put((seq, epoch, result), _nbytes(result))
-            del result  # the send thread holds it now: the only copy
+            self._hand_on(seq, epoch, result)
+            del result  # sent, or the send thread holds it now: the only copy
 
     def _check_outputs(self, outputs: list[np.ndarray]) -> None:
         wanted = max((i for dest in self._destinations for i, _ in dest.tensors), default=-1)
@@ -418,42 +451,91 @@ class Stage:
                 f"is connected"
             )
 
-    # ----- the send loop
-    def _send_loop(self) -> None:
-        while not self._stopping.is_set():
-            self._apply_rewires()
-            item = self._send_queue.get(timeout=POLL_MS / 1000)
-            if item is None:
-                continue
-            seq, epoch, result = item
-            del item
-            if epoch < self._joins.epoch:
-                continue  # stale: every receiver drops it, and the input is on its way again
-            for dest in self._destinations:
-                frames = self._frames(seq, epoch, dest, result)
-                size = sum(len(memoryview(f)) for f in frames)
-                if not self._send(dest.name, frames, size):
-                    return
-                with self._lock:
-                    self.stats.bytes_out += size
-                del frames
-            del result
-            self._mark(seq, "sent")
-            with self._lock:
-                self.stats.sent += 1
-                self._sent[seq] = None
-                if len(self._sent) > SENT_KEPT:
-                    self._sent.popitem(last=False)
+    # ----- sending
+    def _hand_on(self, seq: int, epoch: int, result: Any) -> None:
+        """Send an output from the compute thread if that costs no wait, else queue it.
 
-    def _frames(self, seq: int, epoch: int, dest: Destination, result: Any) -> list[Any]:
-        """The message for one destination; an output that cannot travel fails this input."""
+        Sending here saves a thread hand-off per input (tens of microseconds, which is most of
+        a small hop); it happens only when nothing is queued before it, nothing is being sent,
+        and every destination has room, so the computation never waits on the network.
+        Whatever could not go now goes through the send thread, in order.
+        """
+        pending = tuple(d.name for d in self._destinations)
+        if self._send_lock.acquire(blocking=False):
+            try:
+                if not self._send_queue.qsize():
+                    self._apply_rewires()
+                    pending = self._send_now(seq, epoch, result, pending)
+            finally:
+                self._send_lock.release()
+        if pending:
+            self._put((seq, epoch, result, pending), _nbytes(result))
+
+    def _send_now(
+        self, seq: int, epoch: int, result: Any, names: tuple[str, ...]
+    ) -> tuple[str, ...]:
+        """Send to each destination that has room now (holding ``_send_lock``); the rest."""
+        if epoch < self._joins.epoch:
+            return ()  # stale: every receiver drops it, and the input is on its way again
+        for index, name in enumerate(names):
+            frames, size = self._frames(seq, epoch, name, result)
+            try:
+                self._socket(name, size).send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return names[index:]
+            with self._lock:
+                self.stats.bytes_out += size
+        self._done_sending(seq)
+        return ()
+
+    def _done_sending(self, seq: int) -> None:
+        self._mark(seq, "sent")
+        with self._lock:
+            self.stats.sent += 1
+            self._sent[seq] = None
+            if len(self._sent) > SENT_KEPT:
+                self._sent.popitem(last=False)
+
+    def _send_loop(self) -> None:
+        """Sends what the compute thread could not, waiting for room downstream."""
+        while not self._stopping.is_set():
+            if not self._send_queue.wait(timeout=POLL_MS / 1000):
+                with self._send_lock:
+                    self._apply_rewires()
+                continue
+            with self._send_lock:  # taken before the queue is read: see _hand_on
+                self._apply_rewires()
+                item = self._send_queue.get(timeout=0)
+                if item is None:
+                    continue
+                seq, epoch, result, names = item
+                del item
+                if epoch < self._joins.epoch:
+                    continue  # stale, as in _send_now
+                for name in names:
+                    frames, size = self._frames(seq, epoch, name, result)
+                    if not self._send(name, frames, size):
+                        return
+                    with self._lock:
+                        self.stats.bytes_out += size
+                    del frames
+                del result
+                self._done_sending(seq)
+
+    def _frames(self, seq: int, epoch: int, name: str, result: Any) -> tuple[list[Any], int]:
+        """The message for one destination and its size; an output that cannot travel fails
+        this input."""
+        dest = next(d for d in self._destinations if d.name == name)
+        frames = None
         if not isinstance(result, RemoteError):
             try:
                 tensors = {n: result[i] for i, n in dest.tensors}
-                return encode(Message.data(seq, self.name, tensors, epoch))
+                frames = encode(Message.data(seq, self.name, tensors, epoch))
             except ProtocolError as exc:
                 result = RemoteError.from_exception(self.name, exc)
-        return encode(Message.failure(seq, self.name, result, epoch))
+        if frames is None:
+            frames = encode(Message.failure(seq, self.name, result, epoch))
+        return frames, sum(len(memoryview(f)) for f in frames)
 
     def _send(self, name: str, frames: list[Any], size: int) -> bool:
         """Send, waiting while the peer's queue is full; False once the stage is stopping."""
@@ -484,12 +566,14 @@ class Stage:
             push = self._context.socket(zmq.PUSH)
             push.setsockopt(zmq.SNDHWM, max(1, min(HWM, per_dest // max(1, message_bytes))))
             push.setsockopt(zmq.LINGER, LINGER_MS)
+            self._guard.present(push, dest.name, dest.address)
             push.connect(dest.address)
             self._pushes[name] = push
         return push
 
     def _apply_rewires(self) -> None:
-        """In the send thread, which owns the sockets: reconnect moved destinations."""
+        """Holding ``_send_lock``, which guards the sending sockets: reconnect moved
+        destinations."""
         if not self._rewires:
             return
         with self._lock:
@@ -503,7 +587,7 @@ class Stage:
             ]
             done.set()
 
-    def _put(self, item: tuple[int, int, Any], nbytes: int) -> None:
+    def _put(self, item: tuple[int, int, Any, tuple[str, ...]], nbytes: int) -> None:
         """Queue an output for the send thread, waiting for room (gives way to stop())."""
         if self._send_queue.put(item, nbytes, timeout=0):
             return

@@ -30,7 +30,8 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_the_example_file_loads(lib: PipelineLibrary) -> None:
     plan = load_cluster(EXAMPLE, lib)
     assert plan.tracker == ("192.168.1.10", 9190)
-    assert plan.client_host == "192.168.1.10" and plan.bind_host == "0.0.0.0"
+    assert plan.client_host == "192.168.1.10" and plan.bind_host == "192.168.1.10"
+    assert plan.secret_file == "/etc/tvmpipe/secret"
     assert plan.placements["mod1"] == Placement(
         key="rk3399", options={"cpu_affinity": "4-5", "num_threads": 2}
     )
@@ -53,6 +54,8 @@ def test_the_example_file_loads(lib: PipelineLibrary) -> None:
         ("[tracker]\nhost = 'h'", r"\[tracker\] needs both host and port"),
         ("[tracker]\nhost = 'h'\nport = 'x'", r"\[tracker\]: port must be a int"),
         ("[stages.mod1]\nnum_threads = '2'", r"\[stages\.mod1\]: num_threads must be a int"),
+        ("[stages.mod1]\nnum_threads = true", r"\[stages\.mod1\]: num_threads must be a int"),
+        ("[stages.mod1]\nallow_relay = 1", r"\[stages\.mod1\]: allow_relay must be a bool"),
         ("[workers]\nx = 1", r"unknown section\(s\) \['workers'\]"),
         ("[stages]\nmod1 = 3", r"\[stages\.mod1\] must be a table"),
         ("", r"\[stages\.mod1\]: no key or server for this stage"),

@@ -8,9 +8,9 @@ from typing import Any
 
 import msgpack
 import numpy as np
-import psutil
 import pytest
 import zmq
+import zmq.utils.monitor
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from modules import rfc_example_reference
@@ -24,7 +24,9 @@ pytestmark = pytest.mark.timeout(240)
 
 @pytest.fixture(scope="module")
 def pipe(rfc_lib: PipelineLibrary) -> Iterator[PipelineModule]:
-    with PipelineModule(rfc_lib) as running:
+    # security off: outsiders could not connect at all (test_data_plane_security.py); this
+    # checks what a stage does with garbage that does reach it
+    with PipelineModule(rfc_lib, security="off") as running:
         _run_real_inputs(running, 1, seed=0)  # every connection of this process is made
         yield running
 
@@ -35,8 +37,7 @@ def attacker(pipe: PipelineModule) -> Iterator[zmq.Socket[Any]]:
     context = zmq.Context()
     push = context.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDTIMEO, 5000)
-    push.connect(pipe._fleet.stage_sessions()[1].address)
-    _wait_connected(pipe._fleet.stage_sessions()[1].address)
+    _connect_and_wait(push, pipe._fleet.stage_sessions()[1].address)
     try:
         yield push
     finally:
@@ -44,18 +45,18 @@ def attacker(pipe: PipelineModule) -> Iterator[zmq.Socket[Any]]:
         context.term()
 
 
-def _wait_connected(address: str, timeout: float = 10.0) -> None:
-    """ZeroMQ connects in the background: wait for this process's TCP connection to address,
-    so that it exists before the first test's leak snapshot (tests/leaks.py) and is not
-    counted as that test's leak."""
-    port = int(address.rsplit(":", 1)[1])
-    deadline = time.monotonic() + timeout
-    while not any(
-        c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
-        for c in psutil.Process().net_connections(kind="tcp")
-    ):
-        assert time.monotonic() < deadline, f"no connection to {address} within {timeout} s"
-        time.sleep(0.02)
+def _connect_and_wait(push: zmq.Socket[Any], address: str, timeout: float = 10.0) -> None:
+    """ZeroMQ connects in the background: wait until ``push`` is connected, so that its
+    connection exists before the first test's leak snapshot (tests/leaks.py) and is not counted
+    as that test's leak."""
+    monitor = push.get_monitor_socket(zmq.EVENT_CONNECTED)
+    try:
+        push.connect(address)
+        assert monitor.poll(int(timeout * 1000)), f"not connected within {timeout} s"
+        assert zmq.utils.monitor.recv_monitor_message(monitor)["event"] == zmq.EVENT_CONNECTED
+    finally:
+        push.disable_monitor()
+        monitor.close(linger=0)
 
 
 def _header(**fields: Any) -> bytes:

@@ -1,4 +1,4 @@
-"""Relay mode: a stage on TVM's own RPC server (no tvmpipe there), chosen automatically."""
+"""Relay mode: a stage on TVM's own RPC server (no tvmpipe there), where the user allows it."""
 
 from __future__ import annotations
 
@@ -83,11 +83,11 @@ def test_stage_on_a_plain_tvm_server_runs_in_relay_mode(
     rng = np.random.default_rng(3)
     sets = [[rng.standard_normal((1, 4)).astype("float32") for _ in range(3)] for _ in range(20)]
     servers = [tvmpipe_workers[0], plain_server, tvmpipe_workers[1]]  # mod2 on the plain server
-    with PipelineModule(rfc_lib, servers=servers) as pipe:
+    with PipelineModule(rfc_lib, servers=servers, allow_relay=True) as pipe:
         # The relay is a local stage process; the board itself is the plain server.
         relay = pipe._fleet.stage_sessions()[1]
         assert relay.peer != plain_server
-        assert relay.address.startswith("tcp://127.0.0.1:")
+        assert relay.address.startswith(("tcp://127.0.0.1:", "ipc://"))
         outputs = list(pipe.map({"data_0": a, "data_1": b, "data_2": c} for a, b, c in sets))
         stats = pipe.stats()["stages"]
     for (a, b, c), out in zip(sets, outputs, strict=True):

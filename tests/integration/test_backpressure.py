@@ -32,12 +32,19 @@ def lib() -> Iterator[PipelineLibrary]:
     built.close()
 
 
-@pytest.mark.parametrize("queue_bytes", [2 * MIB, 64 * MIB])
-def test_queued_bytes_stay_within_queue_bytes(lib: PipelineLibrary, queue_bytes: int) -> None:
+@pytest.mark.parametrize(
+    ("queue_bytes", "security"), [(2 * MIB, "auto"), (2 * MIB, "encrypt"), (64 * MIB, "auto")]
+)
+def test_queued_bytes_stay_within_queue_bytes(
+    lib: PipelineLibrary, queue_bytes: int, security: str
+) -> None:
+    """With security on, libzmq keeps each connection's credentials in the receive queue, and
+    CURVE makes every frame larger than its tensor: a socket sized for one 1 MiB message must
+    still take one (it did neither once, and the pipeline stalled)."""
     x = np.ones(SHAPE, dtype="float32")
     x[0, 0] = -0.02  # negated by the fast stage: the slow one sleeps 20 ms per input
     count = 40
-    with PipelineModule(lib, window=count, queue_bytes=queue_bytes) as pipe:
+    with PipelineModule(lib, window=count, queue_bytes=queue_bytes, security=security) as pipe:
         futures = [pipe.submit({"x": x}) for _ in range(count)]
         peak = 0
         while not futures[-1].done():

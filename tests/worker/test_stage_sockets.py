@@ -1,0 +1,103 @@
+"""A stage's data sockets: Unix sockets on loopback (in a private directory, removed when the
+stage stops), TCP elsewhere; and an output goes out from the compute thread when it can, from
+the send thread when the next stage has no room, in order either way."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+import tvmpipe.proto.transport as transport
+from tvmpipe.proto.messages import Message, decode, encode
+from tvmpipe.worker.stage import Destination, Stage
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Identity:
+    input_names = ("x",)
+    param_names = frozenset[str]()
+
+    def __call__(self, inputs: Mapping[str, Any], owned: bool = False) -> list[np.ndarray]:
+        return [np.asarray(inputs["x"])]
+
+
+@pytest.fixture
+def context() -> Iterator[zmq.Context[Any]]:
+    ctx: zmq.Context[Any] = zmq.Context()
+    yield ctx
+    ctx.term()
+
+
+def _sink(context: zmq.Context[Any], hwm: int = 1000) -> tuple[zmq.Socket[Any], str]:
+    sink = context.socket(zmq.PULL)
+    sink.setsockopt(zmq.LINGER, 0)
+    sink.setsockopt(zmq.RCVHWM, hwm)
+    sink.setsockopt(zmq.RCVTIMEO, 10_000)
+    return sink, f"tcp://127.0.0.1:{sink.bind_to_random_port('tcp://127.0.0.1')}"
+
+
+def _start(stage: Stage, sink_address: str, queue_bytes: int = 64 << 20) -> str:
+    dest = Destination("client", sink_address, ((0, "0"),))
+    return stage.start({"client": 1 << 20}, [dest], queue_bytes)["client"]
+
+
+@pytest.mark.parametrize("transport_name", ["ipc", "tcp"])
+def test_loopback_transport_and_its_directory(
+    context: zmq.Context[Any], monkeypatch: pytest.MonkeyPatch, transport_name: str
+) -> None:
+    monkeypatch.setattr(transport, "LOOPBACK_TRANSPORT", transport_name)
+    sink, sink_address = _sink(context)
+    stage = Stage("s", Identity(), "127.0.0.1")
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    try:
+        address = _start(stage, sink_address)
+        assert address.startswith(f"{transport_name}://")
+        if transport_name == "ipc":
+            folder = os.path.dirname(address[len("ipc://") :])
+            assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700  # only its owner connects
+        push.connect(address)
+        x = np.arange(4, dtype="float32")
+        push.send_multipart(encode(Message.data(0, "client", {"x": x})))
+        np.testing.assert_array_equal(decode(sink.recv_multipart()).tensors["0"], x)
+    finally:
+        push.close(0)
+        stage.stop()
+        sink.close(0)
+    if transport_name == "ipc":
+        assert not os.path.exists(folder)
+
+
+def test_outputs_stay_in_order_when_the_next_stage_is_full(context: zmq.Context[Any]) -> None:
+    """The sink takes nothing at first: outputs pile up behind a full socket and go through the
+    send thread; once it reads, every output arrives once, in order."""
+    sink, sink_address = _sink(context, hwm=1)
+    stage = Stage("s", Identity(), "127.0.0.1")
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    count = 40
+    try:
+        push.connect(_start(stage, sink_address, queue_bytes=8 << 20))
+        x = np.zeros(1 << 20, dtype="uint8")  # more than the kernel's socket buffers hold
+        for seq in range(count):
+            push.send_multipart(encode(Message.data(seq, "client", {"x": x + seq % 256})))
+        deadline = time.monotonic() + 10
+        while stage.snapshot()["send_queue"] == 0:
+            assert time.monotonic() < deadline, "nothing waited for room downstream"
+            time.sleep(0.01)
+        got = [decode(sink.recv_multipart()) for _ in range(count)]
+        assert [m.seq for m in got] == list(range(count))
+        assert all(int(m.tensors["0"][0]) == m.seq % 256 for m in got)
+        assert stage.snapshot()["sent"] == count
+    finally:
+        push.close(0)
+        stage.stop()
+        sink.close(0)
