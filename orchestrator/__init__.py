@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .library import PipelineLibrary, load_library
     from .plan import Plan, plan_pipeline
     from .split import split_module
+    from .tune import tune_pipeline
 
 # Each public name and the module that defines it.
 _ERRORS = "tvmpipe.proto.errors"
@@ -52,6 +53,7 @@ _WHERE = {
     "Plan": f"{__name__}.plan",
     "plan_pipeline": f"{__name__}.plan",
     "split_module": f"{__name__}.split",
+    "tune_pipeline": f"{__name__}.tune",
 }
 
 __all__ = [
@@ -73,6 +75,7 @@ __all__ = [
     "load_library",
     "plan_pipeline",
     "split_module",
+    "tune_pipeline",
 ]
 
 

@@ -12,6 +12,7 @@ import itertools
 import time
 
 import numpy as np
+import psutil
 
 from .bench_common import SETTLE_S, Row, Settings, median, stream_rate
 from .bench_stages import BUSY
@@ -28,6 +29,7 @@ INPUTS = (100, 20)  # per repetition, after the window that fills the chain: ful
 SLEEPS = 20
 TRACED_CHAIN = 4
 TRACE_TARGET = 0.97  # tracing may cost at most 3 % of throughput
+CPU_TARGET_MS = 0.3  # a stage's CPU per 1 MiB input: receiving, decoding, encoding, sending
 
 
 def busy_library(stages: int) -> PipelineLibrary:
@@ -45,8 +47,9 @@ def busy_library(stages: int) -> PipelineLibrary:
 
 def chain_rates(
     stages: int, item: dict[str, np.ndarray], settings: Settings, trace: bool = False
-) -> list[float]:
-    """Steady inputs per second of a chain of ``stages``, once per repetition."""
+) -> tuple[list[float], list[float]]:
+    """Steady inputs per second of a chain of ``stages``, once per repetition; and the CPU
+    time (user and system, every thread) that its stage processes spent per input, in ms."""
     window = 2 * stages  # one input computing and one queued at every stage
     inputs = [item] * (window + settings.count(*INPUTS))
     lib = busy_library(stages)
@@ -54,9 +57,21 @@ def chain_rates(
         with PipelineModule(lib, window=window, trace=trace) as pipe:
             time.sleep(SETTLE_S)
             stream_rate(pipe, inputs[: 2 * window], window, 0)  # warm-up
-            return [stream_rate(pipe, inputs, window, window) for _ in range(settings.reps)]
+            procs = [psutil.Process(s["pid"]) for s in pipe.stats()["stages"].values()]
+            rates, cpu = [], []
+            for _ in range(settings.reps):
+                before = [_cpu_s(p) for p in procs]
+                rates.append(stream_rate(pipe, inputs, window, window))
+                spent = sum(_cpu_s(p) - b for p, b in zip(procs, before, strict=True))
+                cpu.append(spent / len(procs) / len(inputs) * 1e3)
+            return rates, cpu
     finally:
         lib.close()
+
+
+def _cpu_s(proc: psutil.Process) -> float:
+    times = proc.cpu_times()
+    return float(times.user + times.system)
 
 
 def _sleep_ms(ms: float) -> float:
@@ -68,11 +83,12 @@ def _sleep_ms(ms: float) -> float:
 def run(settings: Settings, busy_ms: float) -> list[Row]:
     data = np.zeros(TENSOR_BYTES // 4, dtype=np.float32)
     item = {"data": data, "busy_ms": np.array([busy_ms], dtype=np.float32)}
-    ideal = 1e3 / busy_ms
     slept = median([_sleep_ms(busy_ms) for _ in range(SLEEPS)])
+    ideal = 1e3 / slept  # a stage can go no faster than its sleep does on this machine
     rows = []
+    cpu_rows = []
     for stages in CHAINS[:2] if settings.quick else CHAINS:
-        rates = chain_rates(stages, item, settings)
+        rates, cpu = chain_rates(stages, item, settings)
         rows.append(
             Row(
                 NAME,
@@ -80,16 +96,31 @@ def run(settings: Settings, busy_ms: float) -> list[Row]:
                 "inputs/s",
                 median(rates),
                 ideal,
-                f"ideal 1/T = {ideal:g}/s",
+                f"ideal 1/T = {ideal:.1f}/s",
                 target=TARGET,
                 samples={"tvmpipe": rates},
-                note=f"window {2 * stages}; time.sleep({busy_ms:g} ms) takes {slept:.2f} ms here",
+                note=f"window {2 * stages}; T is time.sleep({busy_ms:g} ms): {slept:.2f} ms here",
             )
         )
+        cpu_rows.append(
+            Row(
+                NAME,
+                f"{stages} stages: CPU per stage per 1 MiB input (user + system)",
+                "ms",
+                median(cpu),
+                CPU_TARGET_MS,
+                f"target {CPU_TARGET_MS:g} ms",
+                higher_is_better=False,
+                target=1.0,
+                samples={"tvmpipe": cpu},
+                note="every thread of each stage process (psutil), over the stream",
+            )
+        )
+    rows.extend(cpu_rows)
     if settings.quick:  # the smoke test: each chain once is enough
         return rows
-    traced = chain_rates(TRACED_CHAIN, item, settings, trace=True)
-    plain = chain_rates(TRACED_CHAIN, item, settings)
+    traced, _ = chain_rates(TRACED_CHAIN, item, settings, trace=True)
+    plain, _ = chain_rates(TRACED_CHAIN, item, settings)
     rows.append(
         Row(
             NAME,

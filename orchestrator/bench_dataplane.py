@@ -16,15 +16,19 @@ from __future__ import annotations
 import contextlib
 import itertools
 import selectors
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import zmq
+
+from tvmpipe.proto.transport import local_endpoint
 
 from .bench_common import SETTLE_S, Row, Settings, alternate, median
 from .bench_stages import IDENTITY
@@ -53,8 +57,15 @@ class RawChain:
         self._procs: list[subprocess.Popen[bytes]] = []
         self.pull = self._context.socket(zmq.PULL)
         self.push = self._context.socket(zmq.PUSH)
+        # the transport tvmpipe uses on loopback (proto/transport.py), so that both sides pay
+        # the same kernel
+        self._dir = tempfile.mkdtemp(prefix="tvmpipe-raw-") if local_endpoint("127.0.0.1") else ""
         try:
-            address = f"tcp://127.0.0.1:{self.pull.bind_to_random_port('tcp://127.0.0.1')}"
+            if self._dir:
+                address = f"ipc://{self._dir}/client.sock"
+                self.pull.bind(address)
+            else:
+                address = f"tcp://127.0.0.1:{self.pull.bind_to_random_port('tcp://127.0.0.1')}"
             for _ in range(forwarders):
                 address = self._spawn(address)
             self.push.connect(address)
@@ -63,8 +74,9 @@ class RawChain:
             raise
 
     def _spawn(self, downstream: str) -> str:
+        bind = [f"ipc://{self._dir}/{len(self._procs)}.sock"] if self._dir else []
         proc = subprocess.Popen(
-            [sys.executable, str(FORWARDER), downstream],
+            [sys.executable, str(FORWARDER), downstream, *bind],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -103,6 +115,8 @@ class RawChain:
         self.push.close(linger=0)
         self.pull.close(linger=0)
         self._context.term()
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
         for proc in self._procs:
             if proc.stdin is not None:
                 with contextlib.suppress(OSError):

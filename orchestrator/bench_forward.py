@@ -1,8 +1,9 @@
 """The raw-ZeroMQ side of the data-plane benchmark: a plain pyzmq forwarder process.
 
-    python bench_forward.py DOWNSTREAM_ADDRESS
+    python bench_forward.py DOWNSTREAM_ADDRESS [BIND_ADDRESS]
 
-It binds a PULL socket on a free loopback port, prints ``ready tcp://127.0.0.1:PORT``, connects
+It binds a PULL socket at BIND_ADDRESS (default: a free loopback TCP port), prints ``ready
+ADDRESS``, connects
 a PUSH socket to DOWNSTREAM_ADDRESS and passes every multipart message on unchanged and
 without a copy, as a tvmpipe identity stage does, minus tvmpipe. It exits when its standard
 input closes (its parent went away) or on SIGTERM. Run by path, not as part of the package,
@@ -25,16 +26,20 @@ def _exit_with_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
+    if len(argv) not in (1, 2):
         print(__doc__, file=sys.stderr)
         return 2
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     context = zmq.Context()
     pull = context.socket(zmq.PULL)
-    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    if len(argv) == 2:
+        pull.bind(argv[1])
+        address = argv[1]
+    else:
+        address = f"tcp://127.0.0.1:{pull.bind_to_random_port('tcp://127.0.0.1')}"
     push = context.socket(zmq.PUSH)
     push.connect(argv[0])
-    print(f"ready tcp://127.0.0.1:{port}", flush=True)
+    print(f"ready {address}", flush=True)
     while True:
         push.send_multipart(pull.recv_multipart(copy=False), copy=False)
 

@@ -48,6 +48,7 @@ from .library import (
 )
 from .progress import stage_progress
 from .signature import is_relax_module, signature_of
+from .tune import apply_database, database_digest, find_database
 
 
 @dataclass(eq=False)
@@ -58,17 +59,23 @@ class _CompileJob:
     path: Path
     build_func: Callable[[tvm.IRModule, tvm.target.Target], Any] | None = None
     relax_pipeline: Any = "default"
+    database: Path | None = None  # a kind's MetaSchedule database to apply first
 
 
 def build_pipeline(
-    cfg: PipelineModuleConfig, *, jobs: int | None = None, progress: bool | None = None
+    cfg: PipelineModuleConfig,
+    *,
+    jobs: int | None = None,
+    progress: bool | None = None,
+    database: str | os.PathLike[str] | None = None,
 ) -> PipelineLibrary:
     """Compile each stage under the active PassContext; ``jobs`` caps parallel compiles.
-    ``progress``: a bar on stderr (default: when it is a terminal)."""
+    ``progress``: a bar on stderr (default: when it is a terminal). ``database``: a directory
+    written by ``tune_pipeline``; each Relax stage gets the tuned schedules of its kind."""
     cfg.validate()
     directory = new_build_directory()
     try:
-        lib = _build_into(cfg, directory, jobs, progress)
+        lib = _build_into(cfg, directory, jobs, progress, database)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -77,7 +84,11 @@ def build_pipeline(
 
 
 def _build_into(
-    cfg: PipelineModuleConfig, directory: Path, jobs: int | None, progress: bool | None
+    cfg: PipelineModuleConfig,
+    directory: Path,
+    jobs: int | None,
+    progress: bool | None,
+    database: str | os.PathLike[str] | None = None,
 ) -> PipelineLibrary:
     stages: list[StageInfo] = []
     compile_jobs: list[_CompileJob] = []
@@ -97,8 +108,11 @@ def _build_into(
             target = tvm.target.Target(settings.target)
             path = directory / f"{name}{'.tar' if is_cross_compiled(target) else '.so'}"
             pipeline = settings.relax_pipeline
+            tuned = None
+            if database is not None:
+                tuned = find_database(database, settings.target, settings.device, settings.rpc_key)
             compile_jobs.append(
-                _CompileJob(name, prepared, target, path, settings.build_func, pipeline)
+                _CompileJob(name, prepared, target, path, settings.build_func, pipeline, tuned)
             )
             sig = signature_of(prepared)
             custom_pipeline = not (isinstance(pipeline, str) and pipeline == "default")
@@ -112,6 +126,7 @@ def _build_into(
                 param_group=group,
                 build_func=_describe(settings.build_func),
                 relax_pipeline=(_describe(pipeline) or "none") if custom_pipeline else None,
+                tuning_database=_database_record(tuned),
                 **common,
             )
             if group:
@@ -183,6 +198,13 @@ def _python_stage(func: Any, directory: Path, common: dict[str, Any]) -> StageIn
     )
 
 
+def _database_record(directory: Path | None) -> dict[str, str] | None:
+    """Which tuning a stage was built with, as the package records it."""
+    if directory is None:
+        return None
+    return {"path": str(directory.resolve()), "sha256": database_digest(directory)}
+
+
 def _describe(value: Any) -> str | None:
     """A build option as the package records it: a name, never the object itself."""
     if value is None or isinstance(value, str):
@@ -196,10 +218,13 @@ def _describe(value: Any) -> str | None:
 def _compile_one(job: _CompileJob) -> None:
     """Compile and export one stage; any failure is a BuildError naming the stage."""
     try:
+        module = job.module
+        if job.database is not None:
+            module = apply_database(module, job.target, job.database)
         if job.build_func is None:
-            executable = tvm.compile(job.module, job.target, relax_pipeline=job.relax_pipeline)
+            executable = tvm.compile(module, job.target, relax_pipeline=job.relax_pipeline)
         else:
-            executable = job.build_func(job.module, job.target)
+            executable = job.build_func(module, job.target)
             if not callable(getattr(executable, "export_library", None)):
                 raise TypeError(
                     f"build_func returned {type(executable).__name__}, not a compiled module "

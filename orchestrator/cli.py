@@ -222,6 +222,11 @@ def tune_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--segments", type=int, default=0, help="also tune the N pieces plan measures"
     )
+    parser.add_argument(
+        "--secret-file",
+        help="the workers' secret (their --secret-file; $TVMPIPE_SECRET_FILE); with --server "
+        "or the local default only",
+    )
     return parser
 
 
@@ -242,6 +247,9 @@ def _tune(rest: Sequence[str]) -> int:
         if not args.key:
             parser.error("--tracker needs --key: the kind of worker to measure on")
         tracker = (host, int(port))
+    if args.secret_file and args.tracker:
+        parser.error("--secret-file works with --server or the local default, not --tracker yet")
+    use_secret_file(parser, args.secret_file)
     from .measure import candidate_cuts
     from .models import load_onnx_file, load_onnx_model
     from .split import split_module

@@ -42,6 +42,7 @@ from .localcluster import LocalCluster
 from .models import example_input, load_onnx_model
 from .plan import plan_pipeline
 from .split import split_module
+from .tune import SHIPPED_DATABASE, apply_database, database_for_host, host_target, read_kind
 
 KEY = "demo"
 RTOL, ATOL = 1e-5, 1e-6
@@ -228,6 +229,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
     parser.add_argument("--cuts", help="where to cut main, e.g. 42,82 (default: planned)")
     parser.add_argument(
+        "--database",
+        default=str(SHIPPED_DATABASE),
+        help="the tuning database to build from (default: the one make tune shipped); "
+        "'none' builds untuned",
+    )
+    parser.add_argument(
         "--segments", type=int, default=16, help="candidate pieces the planner measures"
     )
     parser.add_argument(
@@ -266,6 +273,7 @@ def _demo(args: argparse.Namespace) -> int:
         mod = load_onnx_model(args.model, args.seed)
         inputs = [example_input(mod, seed=args.seed + i) for i in range(args.inputs)]
     bindings = len(mod["main"].body.blocks[0].bindings)
+    target, database, tuned = _tuning(args.database)
     with step(f"starting TVM's tracker and {args.stages} workers under key {KEY!r}"):
         cluster = LocalCluster(args.stages, key=KEY)
     with cluster:
@@ -284,6 +292,8 @@ def _demo(args: argparse.Namespace) -> int:
                     keys=[KEY],
                     max_stages=args.stages,
                     segments=args.segments,
+                    targets={KEY: target},
+                    database=database,
                 )
             cuts, predicted = plan.cuts, [s.compute_s for s in plan.solution.stages]
             cached = (
@@ -296,6 +306,7 @@ def _demo(args: argparse.Namespace) -> int:
         cores = _cores(args.stage_cores)
         threads = args.stage_threads or None
         for module in cfg.modules:
+            cfg[module].target = target
             cfg[module].rpc_key = KEY
             cfg[module].num_threads = threads
             cfg[module].cpu_affinity = cores
@@ -304,8 +315,9 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"each stage: {count}, {where}")
         building = f"building {n_stages} stages and the unsplit model (opt_level=3)"
         with step(building), tvm.transform.PassContext(opt_level=3):
-            lib = build_pipeline(cfg, progress=False)  # the steps print their own lines
-            executable = tvm.compile(mod, "llvm")
+            lib = build_pipeline(cfg, progress=False, database=database)  # lines of its own
+            whole = mod if tuned is None else apply_database(mod, target, tuned)
+            executable = tvm.compile(whole, tvm.target.Target(target))
         try:
             pipeline, stats = run_pipeline(lib, inputs, cluster)
         finally:
@@ -342,6 +354,21 @@ def _demo(args: argparse.Namespace) -> int:
         return 1
     print(f"{total}/{total} results match the unsplit model (rtol {RTOL:g}, atol {ATOL:g})")
     return 0
+
+
+def _tuning(spec: str) -> tuple[Any, str | None, Any]:
+    """The target, the database and its kind for this machine; untuned with one line saying
+    why when the database was tuned for another CPU."""
+    if spec == "none":
+        print("building untuned (--database none)")
+        return "llvm", None, None
+    tuned, why = database_for_host(spec)
+    if tuned is None:
+        print(f"{why}: building untuned (tvmpipe tune makes one for this machine)")
+        return "llvm", None, None
+    trials = read_kind(tuned).get("trials_per_workload", "?")
+    print(f"building with tuned schedules: {tuned} ({trials} trials per workload, make tune)")
+    return host_target(), spec, tuned
 
 
 def _cores(spec: str) -> str | None:

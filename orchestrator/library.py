@@ -69,6 +69,9 @@ class StageInfo:
     # default. Packages written before these fields existed load with None.
     build_func: str | None = None
     relax_pipeline: str | None = None
+    # The tuning database the stage was built with: {"path", "sha256"} (build_pipeline's
+    # database=); None: untuned.
+    tuning_database: dict[str, str] | None = None
 
     @property
     def input_names(self) -> list[str]:

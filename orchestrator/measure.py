@@ -48,6 +48,7 @@ from .split import (
     _results_of,
     split_module,
 )
+from .tune import database_digest, find_database
 
 __all__ = [
     "MeasureCache",
@@ -328,14 +329,21 @@ def profile_compute(
     *,
     cache: MeasureCache | None = None,
     progress: bool | None = None,
+    database: str | os.PathLike[str] | None = None,
+    rpc_key: str = "",
 ) -> dict[str, Any]:
     """Seconds per segment of ``split_module(mod, cuts)``, built for ``target`` and timed on the
     worker behind ``session`` (a worker of ``kind``), from ``cache`` when it has them.
+    ``database``: build with this tuning database (tune.py), for the kind of ``target``,
+    ``device`` and ``rpc_key``; its digest is part of the cache key.
 
     Returns ``{"times": [...], "cached": bool, "key": str}``; on a cache hit nothing is built
     and ``session`` is not touched.
     """
-    key = MeasureCache.key(mod, cuts, target, kind, device=device)
+    extra: dict[str, Any] = {"device": device}
+    if database is not None:
+        extra["database"] = database_digest(find_database(database, target, device, rpc_key))
+    key = MeasureCache.key(mod, cuts, target, kind, **extra)
     if cache is not None:
         hit = cache.get(key)
         if hit is not None:
@@ -345,9 +353,10 @@ def profile_compute(
     for module in cfg.modules:
         cfg[module].target = target
         cfg[module].device = device
+        cfg[module].rpc_key = rpc_key
     _say(progress, f"{kind}: building {len(cfg.modules)} segments for {target}")
     with tvm.transform.PassContext(opt_level=3):
-        lib = build_pipeline(cfg)
+        lib = build_pipeline(cfg, database=database)
     try:
         times = measure_compute(lib, session, device, repeat, progress=progress)
     finally:

@@ -152,6 +152,7 @@ def plan_pipeline(
     cache: MeasureCache | str | Path | None = None,
     deploy_timeout: float = REQUEST_TIMEOUT_S,
     progress: bool | None = None,
+    database: str | Path | None = None,
 ) -> Plan:
     """Measure, on the workers the pipeline will run on, and plan the split.
 
@@ -160,6 +161,7 @@ def plan_pipeline(
     every key the tracker has), or nothing: ``max_stages`` local loopback workers. ``targets``
     maps a kind (a key, a server address, or "local") to its target (default ``llvm``).
     Segment times are cached on disk (``cache``: a MeasureCache or its directory).
+    ``database``: time the segments built with this tuning database (``tune_pipeline``).
     """
     if servers is not None and tracker is not None:
         raise ValueError("give servers or tracker, not both")
@@ -217,6 +219,8 @@ def plan_pipeline(
                 device,
                 cache=store,
                 progress=progress,
+                database=database,
+                rpc_key=where[d.name].get("key", ""),
             )
             compute[d.kind], cached[d.kind] = measured["times"], measured["cached"]
         links: dict[tuple[str, str], Link] = {}

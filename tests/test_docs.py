@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = ("architecture", "api", "protocol", "python-stages", "deployment")
+PAGES = ("architecture", "api", "protocol", "python-stages", "deployment", "tuning")
 # [text](target) and [text]: target; images too. Code spans are removed before matching.
 LINK = re.compile(
     r"\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)|^\s*\[[^\]]+\]:\s*(\S+)", re.M

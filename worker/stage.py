@@ -1,12 +1,14 @@
 """A running stage: receive, join by sequence number, compute, send; two threads overlapped.
 
     compute   one PULL socket per sender --decode--> JoinTable (parts of seq k from every sender)
-              --> runner(inputs) --> send queue (or a RemoteError for seq k)
+              --> runner(inputs) --> each destination with room now, else the send queue
     sender    send queue --> one message per destination (next stages, or the client)
 
 Receiving in the compute thread saves a thread hand-off per input (about 40 us of latency and
-CPU in CPython); ZeroMQ's I/O thread already reads ahead while the stage computes. Sending
-stays in its own thread, so that encoding and sending overlap the next computation.
+CPU in CPython); ZeroMQ's I/O thread already reads ahead while the stage computes. For the same
+reason the compute thread sends an output itself when that costs no wait (``_hand_on``); the
+send thread takes what must wait for room downstream, so encoding and sending never hold up
+the next computation. On loopback the receive sockets are Unix sockets (proto/transport.py).
 
 Every sender delivers exactly one message (data or error) per sequence number and epoch to each
 of its destinations, so a stage knows when an input set is complete, and an error travels along

@@ -1,0 +1,154 @@
+"""Comparison 7: the default build and the tuned build against onnxruntime, one thread each.
+
+SqueezeNet from the ``onnx`` package (seeded random weights, the same in every engine) runs
+unsplit in this process: TVM's default build (``llvm``, what build_pipeline compiles for unless
+told otherwise), the model built for this machine's CPU with the shipped tuning database (``make
+tune``, its trial budget in the row), and onnxruntime with
+one intra-op and one inter-op thread as the reference. Each TVM side runs in a fresh thread
+with one TVM thread (bench_common.in_fresh_thread); the three alternate, repetition by
+repetition. ResNet-50 is left out: tuning it did not fit the shipped database's CPU budget.
+onnxruntime is an optional extra (``pip install 'tvmpipe[bench]'``); without it, or on a
+machine the database was not tuned for, the rows say so.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from .bench_common import Row, Settings, alternate, in_fresh_thread
+from .models import _light_dir, _onnx, _randomize_weights, example_input
+from .tune import SHIPPED_DATABASE, apply_database, database_for_host, host_target, read_kind
+
+NAME = "7 tuned vs onnxruntime"
+MODEL = "light_squeezenet"
+TARGET = 1.5  # tuned ms / onnxruntime ms
+RUNS = (20, 3)  # timed runs per repetition: full, quick
+SKIP_ORT = "skipped: pip install tvmpipe[bench]"
+DEFAULT_TARGET = "llvm"
+
+
+def onnx_model(name: str, seed: int = 0) -> Any:
+    """The ONNX model with the seeded weights ``load_onnx_model`` gives TVM."""
+    model = _onnx().load(str(_light_dir() / f"{name}.onnx"))
+    _randomize_weights(model, np.random.default_rng(seed))
+    return model
+
+
+def tvm_timer(executable: Any, feed: dict[str, np.ndarray], runs: int) -> Callable[[], float]:
+    """Median ms per run of ``executable`` on one TVM thread, warmed up, in a fresh thread."""
+
+    def work() -> float:
+        vm = relax.VirtualMachine(executable, tvm.cpu())
+        args = [tvm.runtime.tensor(v) for v in feed.values()]
+        vm["main"](*args)
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            vm["main"](*args)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+    return lambda: in_fresh_thread(work, threads=1)
+
+
+def _run_once(executable: Any, feed: dict[str, np.ndarray]) -> np.ndarray:
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    out = vm["main"](*(tvm.runtime.tensor(v) for v in feed.values()))
+    return np.asarray(out.numpy())
+
+
+def ort_timer(
+    model: Any, feed: dict[str, np.ndarray], runs: int, tvm_executable: Any
+) -> Callable[[], float] | None:
+    """Median ms per run in onnxruntime on one thread, once its output matches TVM's; None if
+    onnxruntime is not installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    expected = session.run(None, feed)[0]
+    got = _run_once(tvm_executable, feed)
+    if not np.allclose(got, expected, rtol=1e-3, atol=1e-4):
+        worst = float(np.abs(got - expected).max())
+        raise RuntimeError(f"onnxruntime and TVM disagree on {MODEL}: max |diff| {worst:.3g}")
+
+    def measure() -> float:
+        times = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            session.run(None, feed)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times) * 1e3
+
+    return measure
+
+
+def run(settings: Settings) -> list[Row]:
+    model = onnx_model(MODEL)
+    from tvm.relax.frontend.onnx import from_onnx
+
+    mod = from_onnx(model)
+    feed = example_input(mod, seed=0)
+    runs = settings.count(*RUNS)
+    target = tvm.target.Target(host_target())
+    with tvm.transform.PassContext(opt_level=3):
+        default = tvm.compile(mod, tvm.target.Target(DEFAULT_TARGET))
+    sides: dict[str, Callable[[], float]] = {"default": tvm_timer(default, feed, runs)}
+    tuned_dir, why_untuned = database_for_host(SHIPPED_DATABASE)
+    if tuned_dir is not None:
+        with tvm.transform.PassContext(opt_level=3):
+            tuned = tvm.compile(apply_database(mod, target, tuned_dir), target)
+        sides["tuned"] = tvm_timer(tuned, feed, runs)
+    reference = ort_timer(model, feed, runs, default)
+    if reference is not None:
+        sides["onnxruntime"] = reference
+    medians, samples = alternate(settings.reps, sides)
+    base = medians.get("onnxruntime", float("nan"))
+    label = "onnxruntime, 1 thread" if reference is not None else SKIP_ORT
+    rows = [
+        Row(
+            NAME,
+            f"{MODEL} default build, 1 thread",
+            "ms",
+            medians["default"],
+            base,
+            label,
+            higher_is_better=False,
+            samples=samples,
+            note=f"tvm.compile for {DEFAULT_TARGET} (build_pipeline's default target), no tuning",
+        )
+    ]
+    if tuned_dir is None:
+        rows.append(
+            Row(NAME, f"{MODEL} tuned: skipped", "ms", float("nan"), base, why_untuned, False)
+        )
+        return rows
+    trials = read_kind(tuned_dir).get("trials_per_workload", "?")
+    rows.append(
+        Row(
+            NAME,
+            f"{MODEL} tuned ({trials} trials/workload), 1 thread",
+            "ms",
+            medians["tuned"],
+            base,
+            label,
+            higher_is_better=False,
+            target=TARGET if reference is not None else None,
+            samples=samples,
+            note=f"MetaSchedule database {tuned_dir.name}, made by make tune",
+        )
+    )
+    return rows

@@ -1,0 +1,666 @@
+"""Tune a pipeline's stages with MetaSchedule, measured on the workers that will run them.
+
+A *kind* of worker is a target, a device and a tracker key: boards of one kind run the same
+code equally fast, so each distinct workload (a fused TIR function) is tuned once per kind,
+whatever stage or pipeline it came from. A database directory holds one MetaSchedule JSON
+database per kind (``DIR/<kind id>/``, with ``kind.json`` saying what the kind is and where it
+was measured), which ``build_pipeline(cfg, database=DIR)`` and ``plan_pipeline(...,
+database=DIR)`` apply.
+
+The trial budget is per workload: a workload that already holds ``trials`` records in the kind's
+database is not tuned again, so an interrupted run resumes where it stopped (the JSON database
+appends each batch of trials as it is measured) and a second run over the same workloads does
+no trials at all. Trials are measured through ``tvm.rpc`` by MetaSchedule's RPCRunner: on a
+worker the tracker hands out for the stage's key, on a given server, or by default on a
+loopback ``tvmpipe-worker`` started here (so "local" means this machine).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tvm
+import tvm_ffi
+from tvm import relax
+from tvm.ir.utils import derived_object
+from tvm.relax.pipeline import zero_pipeline
+from tvm.s_tir import meta_schedule as ms
+
+from tvmpipe.proto.errors import ConfigError
+
+from .config import PipelineModuleConfig
+from .library import tvm_version
+from .progress import stage_progress
+from .signature import is_relax_module
+
+__all__ = [
+    "KIND_FILE",
+    "TaskResult",
+    "SHIPPED_DATABASE",
+    "apply_database",
+    "database_for_host",
+    "database_digest",
+    "find_database",
+    "host_target",
+    "kind_id",
+    "read_kind",
+    "tune_pipeline",
+]
+
+KIND_FILE = "kind.json"
+# Tuned by ``make tune`` on the development machine, for ``make demo`` and ``tvmpipe bench``.
+SHIPPED_DATABASE = Path(__file__).parent / "tuning_db"
+_FILES = ("database_workload.json", "database_tuning_record.json")
+TRIALS_PER_BATCH = 32  # records reach the JSON file batch by batch: what an interrupt can lose
+RUN_TIMEOUT_S = 60.0
+BUILD_TIMEOUT_S = 60.0  # one candidate; a normal one builds in about a second
+
+
+@dataclass
+class TaskResult:
+    """One workload of one kind: trials recorded before this run, trials run now, best time."""
+
+    kind: str
+    name: str
+    workload: str  # structural hash of the fused TIR function
+    trials_before: int
+    trials_run: int
+    best_s: float | None
+
+
+# ----- kinds and their databases
+
+
+def host_target() -> dict[str, Any]:
+    """LLVM for this machine's CPU: without ``mcpu`` LLVM emits generic x86-64 (no AVX)."""
+    return {"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())}
+
+
+def database_for_host(
+    database: str | os.PathLike[str] = SHIPPED_DATABASE,
+) -> tuple[Path | None, str]:
+    """The database's kind for this machine's CPU (``host_target()``, any key), or None and
+    a line saying what it was tuned for instead."""
+    target = host_target()
+    with contextlib.suppress(ConfigError):
+        return find_database(database, target), ""
+    root = Path(database)
+    tuned = [read_kind(p) for p in sorted(root.glob(f"*/{KIND_FILE}"))] if root.is_dir() else []
+    what = "; ".join(
+        f"{tvm.target.Target(k['target'])} on {k['measured_on'].get('cpu_model', 'a board')}"
+        for k in tuned
+    )
+    here = f"{tvm.target.Target(target)} ({_cpu_model()})"
+    return None, f"the tuning database {root} is for {what or 'nothing'}, not this machine, {here}"
+
+
+def _target_json(target: Any) -> dict[str, Any]:
+    exported: dict[str, Any] = json.loads(str(tvm.target.Target(target)))
+    return exported
+
+
+def kind_id(target: Any, device: str = "cpu", key: str = "") -> str:
+    """A directory name for a kind: readable, and unique through a digest of the whole."""
+    exported = _target_json(target)
+    text = json.dumps({"target": exported, "device": device, "key": key}, sort_keys=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    words = [exported.get("kind", "target"), exported.get("mcpu", ""), device, key or "any"]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(w for w in words if w))
+    return f"{slug}-{digest}"
+
+
+def _root(database: str | os.PathLike[str], *, create: bool) -> Path:
+    root = Path(database)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"tuning database {root}: not a directory")
+    if not root.exists():
+        if not create:
+            raise ConfigError(
+                f"tuning database {root}: no such directory (tvmpipe tune --database {root} "
+                f"makes one)"
+            )
+        root.mkdir(parents=True)
+    return root
+
+
+def find_database(
+    database: str | os.PathLike[str], target: Any, device: str = "cpu", key: str = ""
+) -> Path:
+    """The directory of the kind's database under ``database``; ConfigError if it has none.
+
+    A key's own database comes first; else the one tuned without a key (on local workers or
+    servers), which holds for every worker with that target and device.
+    """
+    root = _root(database, create=False)
+    for kind in dict.fromkeys([kind_id(target, device, key), kind_id(target, device, "")]):
+        if (root / kind / _FILES[1]).is_file():
+            return root / kind
+    kinds = sorted(p.name for p in root.iterdir() if (p / KIND_FILE).is_file())
+    raise ConfigError(
+        f"tuning database {root} has nothing for target {tvm.target.Target(target)}, device "
+        f"{device!r}, key {key or '(none)'!r} (expected {kind_id(target, device, key)}); it "
+        f"holds {', '.join(kinds) or 'no kind'}: tune this kind first (tvmpipe tune)"
+    )
+
+
+def read_kind(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``kind.json`` says about a kind's database: target, device, key, where measured."""
+    data: dict[str, Any] = json.loads((Path(directory) / KIND_FILE).read_text())
+    return data
+
+
+def database_digest(directory: str | os.PathLike[str]) -> str:
+    """sha256 over a kind's workload and record files: which tuning a build used."""
+    digest = hashlib.sha256()
+    for name in _FILES:
+        path = Path(directory) / name
+        digest.update(path.read_bytes() if path.is_file() else b"")
+    return digest.hexdigest()
+
+
+def _prepare(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Legalize and fuse, as MetaSchedule's task extraction and the database both expect."""
+    with target:
+        prepared: tvm.IRModule = zero_pipeline()(mod)
+    return prepared
+
+
+def apply_database(mod: tvm.IRModule, target: Any, directory: str | os.PathLike[str]) -> Any:
+    """``mod`` fused, with each workload the database knows replaced by its best schedule;
+    the rest is left for the default compile."""
+    target = tvm.target.Target(target)
+    database = ms.database.JSONDatabase(work_dir=str(directory), allow_missing=False)
+    prepared = _prepare(mod, target)
+    with target, database:
+        return relax.transform.MetaScheduleApplyDatabase()(prepared)
+
+
+# ----- tuning
+
+
+def tune_pipeline(
+    pipeline: PipelineModuleConfig | tvm.IRModule,
+    database: str | os.PathLike[str],
+    *,
+    trials: int = 64,
+    target: Any = "llvm",
+    device: str = "cpu",
+    key: str = "",
+    tracker: tuple[str, int] | None = None,
+    servers: Sequence[str] | None = None,
+    progress: bool | None = None,
+    seed: int = 0,
+) -> list[TaskResult]:
+    """Tune every workload of every stage to ``trials`` trials in its kind's database.
+
+    ``pipeline``: a PipelineModuleConfig (each Relax stage's target, device and rpc_key give its
+    kind; Python stages are skipped) or one module (``target``, ``device``, ``key``).
+    Measured through the tracker by each stage's key, on ``servers`` (stage order, as
+    PipelineModule places them), or on a loopback worker started here.
+    """
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise ConfigError(f"trials must be a positive int (per workload), got {trials!r}")
+    if tracker is not None and servers is not None:
+        raise ConfigError("give servers or tracker, not both")
+    root = _root(database, create=True)
+    stages = _stages(pipeline, target, device, key)
+    if tracker is not None and not all(k for _, _, _, k in stages):
+        raise ConfigError("tuning through a tracker needs an rpc_key on every stage (or key=)")
+    if servers is not None and len(servers) < len(stages):
+        raise ConfigError(f"{len(stages)} stages but {len(servers)} servers")
+    kinds: dict[str, list[tuple[tvm.IRModule, tvm.target.Target, str, str, str | None]]] = {}
+    for index, (mod, stage_target, stage_device, stage_key) in enumerate(stages):
+        server = servers[index] if servers is not None else None
+        name = kind_id(stage_target, stage_device, stage_key)
+        kinds.setdefault(name, []).append((mod, stage_target, stage_device, stage_key, server))
+    results: list[TaskResult] = []
+    with _meta_schedule_logs(root):
+        for name, members in kinds.items():
+            results += _tune_kind(root / name, members, trials, tracker, progress, seed)
+    return results
+
+
+def _tune_kind(
+    directory: Path,
+    members: list[tuple[tvm.IRModule, tvm.target.Target, str, str, str | None]],
+    trials: int,
+    tracker: tuple[str, int] | None,
+    progress: bool | None,
+    seed: int,
+) -> list[TaskResult]:
+    """Every distinct workload of one kind's stages, to ``trials`` records in its database."""
+    _, target, device, key, server = members[0]
+    directory.mkdir(exist_ok=True)
+    _write_kind(directory, target, device, key, _where(tracker, key, server), trials)
+    contexts = _contexts([m for m, *_ in members], target, directory, seed, trials)
+    database = ms.database.JSONDatabase(work_dir=str(directory))
+    done: dict[int, int] = {}
+    for record in database.get_all_tuning_records():
+        h = _workload_hash(record.workload.mod)
+        done[h] = done.get(h, 0) + 1
+    before = [done.get(_workload_hash(c.mod), 0) for c in contexts]
+    kind = directory.name
+    results = [
+        TaskResult(
+            kind, str(c.task_name), f"{_workload_hash(c.mod):x}", n, 0, _best(database, c.mod)
+        )
+        for c, n in zip(contexts, before, strict=True)
+    ]
+    todo = [i for i, n in enumerate(before) if n < trials]
+    if not todo:
+        return results
+    total = sum(trials - before[i] for i in todo)
+    with (
+        _interrupt_flag() as interrupted,
+        _runner(tracker, key, server) as runner,
+        stage_progress(f"tuning {kind}", total, progress) as bar,
+    ):
+        bar.unit = "trial"
+        builder = _Builder()
+        for position, index in enumerate(todo, start=1):
+            context, result = contexts[index], results[index]
+            left = trials - before[index]
+            counter = _Progress(bar, f"task {position}/{len(todo)} {result.name}", result)
+            try:
+                ms.tune_tasks(
+                    tasks=[context],
+                    task_weights=[1.0],
+                    work_dir=str(directory),
+                    max_trials_global=left,
+                    num_trials_per_iter=min(TRIALS_PER_BATCH, left),
+                    builder=builder,
+                    runner=runner,
+                    database=database,
+                    cost_model=_cost_model(),
+                    measure_callbacks=[*ms.MeasureCallback.create("default"), counter],
+                )
+            except Exception:
+                if interrupted():  # it came back through TVM as another error
+                    raise KeyboardInterrupt from None
+                raise
+            result.best_s = _best(database, context.mod)
+            if interrupted():
+                raise KeyboardInterrupt  # what was measured is in the database already
+    return results
+
+
+def _stages(
+    pipeline: PipelineModuleConfig | tvm.IRModule, target: Any, device: str, key: str
+) -> list[tuple[tvm.IRModule, tvm.target.Target, str, str]]:
+    if isinstance(pipeline, tvm.IRModule):
+        return [(pipeline, tvm.target.Target(target), device, key)]
+    if not isinstance(pipeline, PipelineModuleConfig):
+        raise ConfigError(f"tune a PipelineModuleConfig or an IRModule, not {type(pipeline)}")
+    stages = []
+    for module in pipeline.topological_order():
+        if is_relax_module(module):
+            s = pipeline[module]
+            bound = module
+            if s.params:
+                values = {k: tvm.runtime.tensor(v) for k, v in s.params.items()}
+                bound = relax.transform.BindParams("main", values)(module)
+            stages.append((bound, tvm.target.Target(s.target), s.device, s.rpc_key))
+    if not stages:
+        raise ConfigError("the pipeline has no Relax stage to tune")
+    return stages
+
+
+def _where(tracker: tuple[str, int] | None, key: str, server: str | None) -> dict[str, Any]:
+    """Where a kind's trials are measured, as kind.json records it."""
+    if tracker is not None:
+        return {"tracker": f"{tracker[0]}:{tracker[1]}", "key": key}
+    if server is not None:
+        return {"server": server}
+    return {
+        "local": True,
+        "cpu": str(tvm.target.codegen.llvm_get_system_cpu()),
+        "cpu_model": _cpu_model(),
+        "triple": str(tvm.target.codegen.llvm_get_system_triple()),
+    }
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _write_kind(
+    directory: Path,
+    target: tvm.target.Target,
+    device: str,
+    key: str,
+    where: dict[str, Any],
+    trials: int,
+) -> None:
+    """What the kind is, where it was measured, and the largest budget asked of it so far."""
+    old = read_kind(directory) if (directory / KIND_FILE).is_file() else {}
+    data = {
+        "target": _target_json(target),
+        "device": device,
+        "key": key,
+        "measured_on": where,
+        "tvm": tvm_version(),
+        "trials_per_workload": max(trials, int(old.get("trials_per_workload", 0))),
+    }
+    (directory / KIND_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _tuning_target(target: tvm.target.Target) -> tvm.target.Target:
+    """MetaSchedule's CPU rules need ``num-cores``; stages default to one thread each."""
+    exported = _target_json(target)
+    if exported.get("kind") == "llvm" and not exported.get("num-cores"):
+        exported["num-cores"] = 1
+    return tvm.target.Target(exported)
+
+
+def _contexts(
+    modules: list[tvm.IRModule], target: tvm.target.Target, directory: Path, seed: int, trials: int
+) -> list[ms.TuneContext]:
+    """One tune context per distinct workload of the modules (first appearance kept).
+
+    The evolutionary search keeps its default population (512) from 32 trials up; a smaller
+    budget gets a smaller one, which would only cost time to evolve.
+    """
+    tuning_target = _tuning_target(target)
+    population = max(64, min(512, 16 * trials))
+    seen: dict[int, ms.TuneContext] = {}
+    for mod in modules:
+        tasks = ms.relax_integration.extract_tasks(_prepare(mod, target), tuning_target)
+        strategy = ms.search_strategy.EvolutionarySearch(population_size=population)
+        contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            tasks, str(directory), strategy=strategy, num_threads=1, seed=seed
+        )
+        for context in contexts:
+            seen.setdefault(_workload_hash(context.mod), context)
+    return list(seen.values())
+
+
+def _workload_hash(mod: tvm.IRModule) -> int:
+    return int(tvm_ffi.structural_hash(mod))
+
+
+def _best(database: ms.database.JSONDatabase, mod: tvm.IRModule) -> float | None:
+    if not database.has_workload(mod):
+        return None
+    top = database.get_top_k(database.commit_workload(mod), 1)
+    if not top or not top[0].run_secs:
+        return None
+    return sum(float(s) for s in top[0].run_secs) / len(top[0].run_secs)
+
+
+def _cost_model() -> str:
+    """XGBoost's model when the xgboost package is installed, else random scores (the search
+    is then evolutionary on measured times alone)."""
+    try:
+        import xgboost  # noqa: F401
+    except ImportError:
+        return "random"
+    return "xgb"
+
+
+@derived_object
+class _Builder(ms.builder.PyBuilder):
+    """Builds each candidate in a forked child of this process, one per core at a time, and
+    gives up on one after BUILD_TIMEOUT_S: a few candidates keep LLVM busy for many minutes.
+
+    MetaSchedule's LocalBuilder starts fresh processes for every batch, each of which spends
+    about 17 s importing TVM's tensor intrinsics before it builds anything, and kills builds
+    after 30 s, which a loaded machine reaches; a fork has everything imported already. The
+    other threads here (the runner's pool) are idle while a batch builds, and a child only
+    compiles, writes its files and exits.
+    """
+
+    def build(self, build_inputs: list[Any]) -> list[Any]:
+        if _INTERRUPTED:
+            raise _Interrupted("tuning interrupted")
+        paths = [
+            # A directory per artifact: MetaSchedule's RemoveBuildArtifact deletes it whole.
+            Path(tempfile.mkdtemp(prefix="tvmpipe-tune-")) / "candidate.tar"
+            for _ in build_inputs
+        ]
+        try:
+            if not hasattr(os, "fork"):
+                errors = [_build_candidate(i, p) for i, p in zip(build_inputs, paths, strict=True)]
+            else:
+                errors = _build_forked(build_inputs, paths, len(os.sched_getaffinity(0)))
+        except BaseException:
+            for path in paths:
+                shutil.rmtree(path.parent, ignore_errors=True)
+            raise
+        for path, error in zip(paths, errors, strict=True):
+            if error:  # no artifact for RemoveBuildArtifact to remove
+                shutil.rmtree(path.parent, ignore_errors=True)
+        return [
+            ms.builder.BuilderResult(None if error else str(path), error)
+            for path, error in zip(paths, errors, strict=True)
+        ]
+
+
+def _build_candidate(build_input: Any, path: Path) -> str | None:
+    """Build and export one candidate; the error as text, or None."""
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+    from tvm.support.tar import tar
+
+    try:
+        mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(build_input.mod)
+        tvm.compile(mod, target=build_input.target).export_library(str(path), fcompile=tar)
+    except Exception as exc:
+        return f"build failed: {type(exc).__name__}: {exc}"
+    return None
+
+
+def _build_forked(build_inputs: list[Any], paths: list[Path], parallel: int) -> list[str | None]:
+    errors: list[str | None] = [None] * len(paths)
+    pending = list(range(len(paths)))
+    running: dict[int, tuple[int, float]] = {}  # pid -> (candidate, deadline)
+    try:
+        _run_builds(build_inputs, paths, parallel, errors, pending, running)
+    finally:  # interrupted: no child outlives the call
+        for pid in running:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+    return errors
+
+
+def _run_builds(
+    build_inputs: list[Any],
+    paths: list[Path],
+    parallel: int,
+    errors: list[str | None],
+    pending: list[int],
+    running: dict[int, tuple[int, float]],
+) -> None:
+    while pending or running:
+        if _INTERRUPTED:
+            raise _Interrupted("tuning interrupted")
+        while pending and len(running) < parallel:
+            index = pending.pop(0)
+            pid = os.fork()
+            if pid == 0:  # the child: build, leave any error beside the artifact, exit
+                code = 1
+                try:
+                    error = _build_candidate(build_inputs[index], paths[index])
+                    if error:
+                        paths[index].with_suffix(".error").write_text(error)
+                    else:
+                        code = 0
+                finally:
+                    os._exit(code)
+            running[pid] = (index, time.monotonic() + BUILD_TIMEOUT_S)
+        time.sleep(0.01)
+        for pid, (index, deadline) in list(running.items()):
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if not done and time.monotonic() < deadline:
+                continue
+            if not done:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                errors[index] = f"build timed out after {BUILD_TIMEOUT_S:.0f} s"
+            elif status != 0:
+                report = paths[index].with_suffix(".error")
+                errors[index] = report.read_text() if report.is_file() else "build failed"
+            del running[pid]
+
+
+@derived_object
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """Counts each measured batch on the bar, with the best time of the task so far."""
+
+    def __init__(self, bar: Any, label: str, result: TaskResult):
+        self.bar = bar
+        self.label = label
+        self.result = result
+
+    def apply(
+        self,
+        task_scheduler: Any,
+        task_id: int,
+        measure_candidates: list[Any],
+        builder_results: list[Any],
+        runner_results: list[Any],
+    ) -> None:
+        times = [
+            sum(float(s) for s in r.run_secs) / len(r.run_secs)
+            for r in runner_results
+            if r.run_secs and not r.error_msg
+        ]
+        if times:
+            best = min(times)
+            if self.result.best_s is None or best < self.result.best_s:
+                self.result.best_s = best
+        self.result.trials_run += len(runner_results)
+        best_text = "-" if self.result.best_s is None else f"{self.result.best_s * 1e6:.1f} us"
+        self.bar.set_postfix_str(f"{self.label}, best {best_text}", refresh=False)
+        self.bar.update(len(runner_results))
+
+
+_INTERRUPTED: list[int] = []  # Ctrl-C seen while tuning (the signal numbers)
+
+
+class _Interrupted(Exception):
+    """Raised by the builder after Ctrl-C: the batch in progress is dropped, nothing of it
+    reaches the database."""
+
+
+@contextlib.contextmanager
+def _interrupt_flag() -> Iterator[Callable[[], bool]]:
+    """Ctrl-C stops tuning at the next build. A KeyboardInterrupt raised inside MetaSchedule's
+    C++ loop can abort the process (std::terminate); so the first Ctrl-C is only noted, and
+    the builder stops the batch; a second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        _INTERRUPTED.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\ninterrupted: stopping (Ctrl-C again: at once)", file=sys.stderr)
+
+    _INTERRUPTED.clear()
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(_INTERRUPTED)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _meta_schedule_logs(root: Path) -> Iterator[None]:
+    """MetaSchedule's tables go to each kind's logs/ directory and the console gets warnings
+    only; its log files under ``root`` are closed afterwards (it leaves them open)."""
+    name = "tvm.s_tir.meta_schedule"
+    logger = logging.getLogger(name)
+    saved = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved)
+        names = [n for n in logging.Logger.manager.loggerDict if n.startswith(name)]
+        for each in map(logging.getLogger, names):
+            for handler in list(each.handlers):
+                path = Path(getattr(handler, "baseFilename", "/"))
+                if path.is_relative_to(root.resolve()):
+                    each.removeHandler(handler)
+                    handler.close()
+
+
+@contextlib.contextmanager
+def _runner(
+    tracker: tuple[str, int] | None, key: str, server: str | None
+) -> Iterator[ms.runner.RPCRunner]:
+    """An RPCRunner to a tracker's key, a server, or a loopback worker started (and stopped)
+    here."""
+    from .deploy import start_local_workers
+
+    workers = []
+    if tracker is not None:
+        config = ms.runner.RPCConfig(
+            tracker_host=tracker[0],
+            tracker_port=tracker[1],
+            tracker_key=key,
+            session_timeout_sec=int(RUN_TIMEOUT_S),
+        )
+        create = None
+    else:
+        if server is None:
+            workers = start_local_workers(1)
+            server = f"{workers[0].host}:{workers[0].port}"
+        host, _, port = server.rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigError(f"server address {server!r} is not HOST:PORT")
+        # RPCConfig insists on tracker fields; _connect_direct reads them as the server's.
+        config = ms.runner.RPCConfig(
+            tracker_host=host,
+            tracker_port=int(port),
+            tracker_key="direct",
+            session_timeout_sec=int(RUN_TIMEOUT_S),
+        )
+        create = _connect_direct
+    runner = None
+    try:
+        runner = ms.runner.RPCRunner(config, f_create_session=create, f_cleanup=_cleanup)
+        yield runner
+    finally:
+        if runner is not None:
+            runner.pool.shutdown()
+        for worker in workers:
+            worker.stop()
+
+
+def _cleanup(session: Any, remote_path: str | None) -> None:
+    """Remove the trial's upload; the worker removes the session's directory when it ends.
+    (MetaSchedule's default also removes "", which tvmpipe-worker refuses.)"""
+    if session is not None and remote_path:
+        with contextlib.suppress(Exception):
+            session.remove(remote_path)
+
+
+def _connect_direct(config: Any) -> Any:
+    """In MetaSchedule's runner process: a session with the server itself, no tracker; with
+    the proof of the secret in $TVMPIPE_SECRET_FILE when there is one (README, Security)."""
+    from tvmpipe.proto.rpcauth import session_proof
+
+    from .deploy import controller_secret
+
+    secret = controller_secret()
+    key = "" if secret is None else f" {session_proof(secret)}"
+    return tvm.rpc.connect(config.tracker_host, config.tracker_port, key)

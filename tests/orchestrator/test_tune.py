@@ -1,0 +1,173 @@
+"""tune_pipeline on a real loopback worker, resuming, a database per kind, builds from it.
+
+One small matmul+relu model (an ONNX file) is tuned once for the whole file, a handful of
+trials: half the budget through ``tvmpipe tune``, then the rest through ``tune_pipeline``, which
+resumes, then once more, which has nothing left to do. The tests then build from that database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import leaks  # tests/leaks.py (pytest puts tests/ on the path)
+import numpy as np
+import pytest
+import tvm
+
+from tvmpipe.orchestrator import build_pipeline, split_module
+from tvmpipe.orchestrator.cli import main as cli_main
+from tvmpipe.orchestrator.library import load_library
+from tvmpipe.orchestrator.models import load_onnx_file
+from tvmpipe.orchestrator.tune import (
+    KIND_FILE,
+    apply_database,
+    database_digest,
+    find_database,
+    kind_id,
+    read_kind,
+    tune_pipeline,
+)
+from tvmpipe.proto.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(180)
+
+TARGET = {"kind": "llvm"}
+TRIALS = 2
+
+
+WEIGHT = np.random.default_rng(1).standard_normal((16, 16)).astype("float32")
+
+
+def write_matmul_relu(path: Path) -> Path:
+    """An ONNX file ``y = relu(x @ w)``, x of shape (8, 16): one fused workload."""
+    onnx = pytest.importorskip("onnx")
+    helper = onnx.helper
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Relu", ["xw"], ["y"])],
+        "matmul_relu",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [8, 16])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [8, 16])],
+        [onnx.numpy_helper.from_array(WEIGHT, "w")],
+    )
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def reference(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x @ WEIGHT, 0)
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Tune to half the budget with the CLI, then resume to all of it, then once more."""
+    work = tmp_path_factory.mktemp("tune")
+    database, model = work / "db", write_matmul_relu(work / "matmul_relu.onnx")
+    half = io.StringIO()
+    with leaks.checked():  # the loopback worker, MetaSchedule's runner process, log files
+        with contextlib.redirect_stdout(half):
+            code = cli_main(
+                ["tune", str(model), "--database", str(database), "--trials", str(TRIALS // 2)]
+            )
+        assert code == 0, half.getvalue()
+        mod = load_onnx_file(model)
+        full = tune_pipeline(mod, database, trials=TRIALS, target=TARGET, progress=False)
+        again = tune_pipeline(mod, database, trials=TRIALS, target=TARGET, progress=False)
+    return {
+        "database": database,
+        "model": model,
+        "half": half.getvalue(),
+        "full": full,
+        "again": again,
+    }
+
+
+def matmul_relu(tuned: dict) -> tvm.IRModule:
+    """A fresh module each time: a config tracks its stages by identity."""
+    return load_onnx_file(tuned["model"])
+
+
+def test_tuning_resumes_and_stops_at_the_budget(tuned: dict) -> None:
+    half, full, again = tuned["half"], tuned["full"], tuned["again"]
+    # The CLI's table: workload, trials in the database, trials run now, best time.
+    row = next(line.split() for line in half.splitlines() if "matmul" in line)
+    assert row[1:3] == [str(TRIALS // 2), str(TRIALS // 2)], half
+    assert len(full) == len(again) == 1
+    assert full[0].trials_before == TRIALS // 2
+    assert full[0].trials_run == TRIALS - TRIALS // 2  # only what the budget still allowed
+    assert again[0].trials_before == TRIALS and again[0].trials_run == 0
+    assert again[0].best_s is not None and again[0].best_s > 0
+    assert "matmul" in again[0].name
+
+
+def test_one_database_per_kind(tuned: dict) -> None:
+    database: Path = tuned["database"]
+    kinds = [p for p in database.iterdir() if p.is_dir()]
+    assert [p.name for p in kinds] == [kind_id(TARGET, "cpu", "")]
+    kind = read_kind(kinds[0])
+    assert kind["target"]["kind"] == "llvm" and kind["device"] == "cpu" and kind["key"] == ""
+    assert kind["measured_on"]["local"] is True
+    assert (kinds[0] / KIND_FILE).is_file()
+    # Another kind (another CPU, or another tracker key) finds nothing here, and says so.
+    assert kind_id(TARGET, "cpu", "rk3399") != kinds[0].name
+    with pytest.raises(ConfigError, match="tune this kind first"):
+        find_database(database, {"kind": "llvm", "mcpu": "cortex-a72"})
+
+
+def test_build_from_the_database_matches_run_local(tuned: dict, tmp_path: Path) -> None:
+    database: Path = tuned["database"]
+    x = np.random.default_rng(2).standard_normal((8, 16)).astype("float32")
+    cfg = split_module(matmul_relu(tuned), [])
+    for module in cfg.modules:
+        cfg[module].target = TARGET
+    with tvm.transform.PassContext(opt_level=3):
+        lib = build_pipeline(cfg, progress=False, database=database)
+        plain = build_pipeline(cfg, progress=False)
+    try:
+        np.testing.assert_allclose(lib.run_local({"x": x})[0], reference(x), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(lib.run_local({"x": x})[0], plain.run_local({"x": x})[0])
+        recorded = lib.stages[0].tuning_database
+        kind_dir = database / kind_id(TARGET)
+        applied = apply_database(matmul_relu(tuned), TARGET, kind_dir)  # what the build compiled
+        scheduled = [f for _, f in applied.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+        assert [f.attrs.get("tirx.is_scheduled") for f in scheduled] == [True]
+        assert recorded == {"path": str(kind_dir.resolve()), "sha256": database_digest(kind_dir)}
+        assert plain.stages[0].tuning_database is None
+        package = lib.export_library(tmp_path / "pipe")
+        manifest = json.loads((package / "pipeline.json").read_text())
+        assert manifest["stages"][0]["tuning_database"] == recorded
+        assert load_library(package).stages[0].tuning_database == recorded
+    finally:
+        lib.close()
+        plain.close()
+
+
+def test_bad_database_paths_are_refused(tuned: dict, tmp_path: Path) -> None:
+    cfg = split_module(matmul_relu(tuned), [])
+    with pytest.raises(ConfigError, match="no such directory"):
+        build_pipeline(cfg, progress=False, database=tmp_path / "missing")
+    a_file = tmp_path / "file"
+    a_file.write_text("not a database")
+    with pytest.raises(ConfigError, match="not a directory"):
+        tune_pipeline(matmul_relu(tuned), a_file, trials=1, progress=False)
+    with pytest.raises(ConfigError, match="positive int"):
+        tune_pipeline(matmul_relu(tuned), tuned["database"], trials=0, progress=False)
+    cfg[cfg.modules[0]].target = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
+    with pytest.raises(ConfigError, match="tune this kind first"):  # a kind never tuned
+        build_pipeline(cfg, progress=False, database=tuned["database"])
+
+
+def test_a_key_without_its_own_database_takes_the_keyless_one(tuned: dict) -> None:
+    """Tuned on a local worker (no key): good for any worker with the same target."""
+    keyless = tuned["database"] / kind_id(TARGET)
+    assert find_database(tuned["database"], TARGET, "cpu", "board") == keyless
+    assert find_database(tuned["database"], TARGET, "cpu", "") == keyless
+
+
+def test_cli_tune_refuses_a_model_it_cannot_load(
+    tuned: dict, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli_main(["tune", "no_such_model", "--database", str(tmp_path / "db")]) == 1
+    assert "no_such_model" in capsys.readouterr().err
