@@ -185,16 +185,20 @@ class PipelineModule:
         else:
             port = self._pull.bind_to_random_port(f"tcp://{bind_host}")
             self.address = f"tcp://{client_host}:{port}"
-        self._fleet = Fleet(
-            self.lib,
-            places,
-            self.wiring,
-            bind_host,
-            client_host,
-            deploy_timeout,
-            secret_file or places.secret_file,
-            allow_relay,
-        )
+        try:
+            self._fleet = Fleet(
+                self.lib,
+                places,
+                self.wiring,
+                bind_host,
+                client_host,
+                deploy_timeout,
+                secret_file or places.secret_file,
+                allow_relay,
+            )
+        except BaseException:
+            self._close_sockets()
+            raise
         self._fleet.trace = trace
         self._timeline: collections.OrderedDict[int, dict[str, float]] | None = (
             collections.OrderedDict() if trace else None
@@ -419,7 +423,17 @@ class PipelineModule:
             self._receiver.join(5)
         if self._recovery is not None:
             self._recovery.stop()
-        self._fleet.close()
+        try:
+            self._fleet.close()
+        finally:
+            self._close_sockets()
+        with self._cond:
+            futures = self._sequencer.fail_all(PipelineClosedError("the pipeline was closed"))
+        for future in futures:
+            if not future.done():
+                future.set_exception(PipelineClosedError("the pipeline was closed"))
+
+    def _close_sockets(self) -> None:
         with self._send_lock:
             for push in self._pushes.values():
                 push.close(linger=0)
@@ -428,11 +442,6 @@ class PipelineModule:
         self._context.term()
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
-        with self._cond:
-            futures = self._sequencer.fail_all(PipelineClosedError("the pipeline was closed"))
-        for future in futures:
-            if not future.done():
-                future.set_exception(PipelineClosedError("the pipeline was closed"))
 
     def __enter__(self) -> PipelineModule:
         return self

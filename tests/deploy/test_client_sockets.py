@@ -1,0 +1,46 @@
+"""On loopback the client takes results on a Unix socket in a private directory: it exists while
+the pipeline is open and is gone once it is closed, or once deploying it failed."""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+
+import numpy as np
+import pytest
+from modules import rfc_example_reference
+
+import tvmpipe.orchestrator.client as client_module
+from tvmpipe.orchestrator import PipelineModule
+from tvmpipe.orchestrator.library import PipelineLibrary
+from tvmpipe.proto.errors import DeployError
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_result_socket_directory_lives_as_long_as_the_pipeline(rfc_lib: PipelineLibrary) -> None:
+    x = [np.full((1, 4), v, dtype="float32") for v in (1.0, 2.0, 3.0)]
+    with PipelineModule(rfc_lib) as pipe:
+        assert pipe.address.startswith("ipc://")
+        folder = os.path.dirname(pipe.address[len("ipc://") :])
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+        out = pipe.submit({"data_0": x[0], "data_1": x[1], "data_2": x[2]}).result(30)
+        np.testing.assert_allclose(out[0], rfc_example_reference(*x))
+    assert not os.path.exists(folder)
+
+
+def test_a_failed_deploy_leaves_no_directory(
+    rfc_lib: PipelineLibrary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[str] = []
+    original = tempfile.mkdtemp
+
+    def mkdtemp(prefix: str) -> str:
+        made.append(original(prefix=prefix))
+        return made[-1]
+
+    monkeypatch.setattr(client_module.tempfile, "mkdtemp", mkdtemp)
+    with pytest.raises(DeployError):  # nothing listens on port 1
+        PipelineModule(rfc_lib, servers=["127.0.0.1:1"] * 3, deploy_timeout=5)
+    assert made and not any(os.path.exists(path) for path in made)
