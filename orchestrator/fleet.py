@@ -187,7 +187,14 @@ class Fleet:
         self.start(name, client_address, queue_bytes, epoch)
         for upstream in self.wiring.upstream_stages(name):
             request = json.dumps({"name": name, "address": self.addresses[name][upstream]})
-            self.sessions[upstream].call("tvmpipe.stage.rewire", request)
+            try:
+                self.sessions[upstream].call("tvmpipe.stage.rewire", request)
+            except DeployError as exc:
+                # The upstream stage is lost too (killed or frozen while this one was being
+                # replaced): cut its session, so that the monitor reports it and it is deployed
+                # again, wired to this stage's new address when it starts.
+                log.warning("stage %r could not be rewired (%s); replacing it too", upstream, exc)
+                self.sessions[upstream].abort()
         if CLIENT in self.addresses[name]:
             rewire_client(self.addresses[name][CLIENT])
         return session

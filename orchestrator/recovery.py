@@ -13,7 +13,9 @@ client's ``RecoveryHooks`` (the pause, the client's sockets, the sequencer).
 3. Every stage that sends to it is rewired; each rewire returns only once that stage's send
    thread sends to the new address. Whatever was queued for the old address is dropped with
    its socket: it was sent before step 5. If the client feeds the stage, the client's own
-   socket is replaced likewise.
+   socket is replaced likewise. A sender that cannot be rewired (it was lost meanwhile) has its
+   session cut, so that the monitor reports it too; it is then deployed again (step 4), and
+   its start wires it to the new address.
 4. If another stage was lost meanwhile, it is handled first (back to 2), then:
 5. The client opens a new epoch and sends every input whose result has not arrived, oldest
    first, and ends the pause.
