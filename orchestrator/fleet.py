@@ -44,6 +44,7 @@ from .progress import stage_progress
 from .wiring import CLIENT, Wiring
 
 log = logging.getLogger("tvmpipe")
+REWIRE_WAIT_S = 12.0  # a stage's own rewire gives up after 10 s (worker/stage.py)
 STATS_WAIT_S = 2.0  # a frozen stage's call holds its session: do not wait for it long
 
 
@@ -187,17 +188,35 @@ class Fleet:
         self.start(name, client_address, queue_bytes, epoch)
         for upstream in self.wiring.upstream_stages(name):
             request = json.dumps({"name": name, "address": self.addresses[name][upstream]})
-            try:
-                self.sessions[upstream].call("tvmpipe.stage.rewire", request)
-            except DeployError as exc:
-                # The upstream stage is lost too (killed or frozen while this one was being
-                # replaced): cut its session, so that the monitor reports it and it is deployed
-                # again, wired to this stage's new address when it starts.
-                log.warning("stage %r could not be rewired (%s); replacing it too", upstream, exc)
-                self.sessions[upstream].abort()
+            self._rewire(upstream, request)
         if CLIENT in self.addresses[name]:
             rewire_client(self.addresses[name][CLIENT])
         return session
+
+    def _rewire(self, upstream: str, request: str) -> None:
+        """Point ``upstream`` at a replaced stage, within ``REWIRE_WAIT_S``.
+
+        An upstream stage lost meanwhile (killed, or frozen: then the call would wait as long
+        as the freeze) has its session cut, so that the monitor reports it and it is deployed
+        again, wired to the new address when it starts.
+        """
+        session = self.sessions[upstream]
+        failed: list[str] = []  # not the error: its traceback would hold the session open
+
+        def call() -> None:
+            try:
+                session.call("tvmpipe.stage.rewire", request)
+            except DeployError as exc:
+                failed.append(str(exc))
+
+        thread = threading.Thread(target=call, name=f"tvmpipe-rewire-{upstream}", daemon=True)
+        thread.start()
+        thread.join(REWIRE_WAIT_S)
+        if thread.is_alive() or failed:
+            why = failed[0] if failed else f"no answer within {REWIRE_WAIT_S:g} s"
+            log.warning("stage %r could not be rewired (%s); replacing it too", upstream, why)
+            session.abort()
+            thread.join(REWIRE_WAIT_S)
 
     def stage_sessions(self) -> list[StageSession]:
         """The sessions in stage order."""

@@ -40,6 +40,7 @@ import numpy as np
 import psutil
 import pytest
 
+import tvmpipe.orchestrator.fleet as fleet_module
 from tvmpipe.orchestrator import PipelineLibrary, PipelineModule
 from tvmpipe.proto.errors import PipelineError, StageLostError, TvmpipeError
 
@@ -590,3 +591,33 @@ def test_identify_tells_inputs_apart() -> None:
     wrong[0, 0] -= 1  # mod3 joined the parts of two different inputs
     assert identify([wrong]) is None
     assert identify([]) is None
+
+
+def test_a_sender_frozen_while_its_next_stage_is_replaced_is_replaced_too(
+    rfc_lib: PipelineLibrary, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kill mod2's session while mod1's is frozen: replacing mod2 cannot rewire mod1 (the call
+    would wait as long as the freeze), so mod1's session is cut after REWIRE_WAIT_S and mod1 is
+    deployed again too. Every input yields its one right result; both stages have new
+    sessions."""
+    monkeypatch.setattr(fleet_module, "REWIRE_WAIT_S", 2.0)
+    frozen: psutil.Process | None = None
+    with make_pipe(rfc_lib, restart=True, window=64) as pipe:
+        try:
+            before = [pipe.submit(inputs_for(0, i)) for i in range(10)]
+            assert [identify(f.result(COLLECT_S)) for f in before] == list(range(10))
+            pids = session_pids(pipe)
+            frozen, killed = _ours(pids["mod1"]), _ours(pids["mod2"])
+            assert frozen is not None and killed is not None, pids
+            frozen.send_signal(signal.SIGSTOP)
+            killed.kill()
+            during = [pipe.submit(inputs_for(0, i)) for i in range(10, 50)]
+            got = [identify(f.result(COLLECT_S)) for f in during]
+            assert got == list(range(10, 50))
+            now = session_pids(pipe)
+            assert now["mod1"] != pids["mod1"] and now["mod2"] != pids["mod2"], (pids, now)
+        finally:
+            if frozen is not None:
+                with contextlib.suppress(psutil.Error):
+                    frozen.send_signal(signal.SIGCONT)
+                    frozen.wait(EXIT_S)
