@@ -16,7 +16,9 @@ sockets around them.
 from __future__ import annotations
 
 import collections
+import secrets
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -178,7 +180,12 @@ class PipelineModule:
         )
         self._pull.setsockopt(zmq.MAXMSGSIZE, limit + CURVE_FRAME_OVERHEAD * (mechanism == CURVE))
         self._socket_dir: str | None = None
-        if local_endpoint(client_host):  # Unix sockets on loopback, as the stages (stage.py)
+        if local_endpoint(client_host) and sys.platform == "linux":
+            # A Unix socket on loopback, as the stages' (stage.py), in Linux's abstract
+            # namespace: no file to leave behind even if this process is killed
+            self.address = f"ipc://@tvmpipe-{secrets.token_hex(12)}"
+            self._pull.bind(self.address)
+        elif local_endpoint(client_host):
             self._socket_dir = tempfile.mkdtemp(prefix="tvmpipe-")
             self.address = f"ipc://{self._socket_dir}/results.sock"
             self._pull.bind(self.address)
