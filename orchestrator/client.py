@@ -47,7 +47,7 @@ from tvmpipe.proto.messages import (
     decode,
     encode,
 )
-from tvmpipe.proto.security import CURVE, CURVE_FRAME_OVERHEAD, Guard
+from tvmpipe.proto.security import Guard
 from tvmpipe.proto.transport import local_endpoint
 
 from .cluster import load_cluster, plan_from_arguments
@@ -174,11 +174,10 @@ class PipelineModule:
         self._pull.setsockopt(zmq.RCVHWM, HWM)
         self._pull.setsockopt(zmq.LINGER, 0)
         limit = self.wiring.output_frame_limit()
-        limit = max(MAX_HEADER_BYTES, limit) if limit else MAX_FRAME_BYTES
-        mechanism = self._guard.serve(
-            self._pull, self.wiring.output_stages(), f"tcp://{client_host}"
+        self._pull.setsockopt(
+            zmq.MAXMSGSIZE, max(MAX_HEADER_BYTES, limit) if limit else MAX_FRAME_BYTES
         )
-        self._pull.setsockopt(zmq.MAXMSGSIZE, limit + CURVE_FRAME_OVERHEAD * (mechanism == CURVE))
+        self._guard.serve(self._pull, self.wiring.output_stages(), f"tcp://{client_host}")
         self._socket_dir: str | None = None
         if local_endpoint(client_host) and sys.platform == "linux":
             # A Unix socket on loopback, as the stages' (stage.py), in Linux's abstract

@@ -152,10 +152,20 @@ class Guard:
         self._lock = threading.Lock()
 
     def serve(self, sock: zmq.Socket[Any], senders: Iterable[str], address_of_bind: str) -> str:
-        """Admit only ``senders`` on ``sock``, which will be reached at ``address_of_bind``."""
+        """Admit only ``senders`` on ``sock``, which will be reached at ``address_of_bind``.
+
+        Call it after setting the socket's RCVHWM and MAXMSGSIZE for the tensors it takes: it
+        makes room for what the mechanism adds. libzmq queues an authenticated connection's
+        credentials as a first message that holds one place of the high-water mark for good
+        (a mark of 1 would deadlock), and CURVE frames are larger than their tensors.
+        """
         mech = mechanism(self.mode, address_of_bind)
         if mech == NULL:
             return mech
+        sock.setsockopt(zmq.RCVHWM, int(sock.getsockopt(zmq.RCVHWM)) + 1)
+        limit = int(sock.getsockopt(zmq.MAXMSGSIZE))
+        if mech == CURVE and limit >= 0:
+            sock.setsockopt(zmq.MAXMSGSIZE, limit + CURVE_FRAME_OVERHEAD)
         names = list(senders)
         domain = "tvmpipe:" + ",".join(sorted(names))
         auth = self._authenticator()

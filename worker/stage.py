@@ -52,7 +52,7 @@ from tvmpipe.proto.messages import (
     decode,
     encode,
 )
-from tvmpipe.proto.security import CURVE, CURVE_FRAME_OVERHEAD, NULL, Guard
+from tvmpipe.proto.security import Guard
 from tvmpipe.proto.transport import local_endpoint
 
 from .joins import JoinTable
@@ -207,12 +207,10 @@ class Stage:
             pull = self._context.socket(zmq.PULL)
             per_sender = quarter // len(senders)
             hwm = min(HWM, per_sender // max_frame) if max_frame > 0 else UNKNOWN_SIZE_HWM
-            mechanism = self._guard.serve(pull, [sender], f"tcp://{self._advertise_host}")
-            # libzmq queues an authenticated connection's credentials as a first message that
-            # takes one place of the high-water mark for good (a mark of 1 would deadlock)
-            pull.setsockopt(zmq.RCVHWM, max(1, hwm) + (mechanism != NULL))
-            pull.setsockopt(zmq.MAXMSGSIZE, limit + CURVE_FRAME_OVERHEAD * (mechanism == CURVE))
+            pull.setsockopt(zmq.RCVHWM, max(1, hwm))
+            pull.setsockopt(zmq.MAXMSGSIZE, limit)
             pull.setsockopt(zmq.LINGER, 0)
+            self._guard.serve(pull, [sender], f"tcp://{self._advertise_host}")
             self._pulls[sender] = pull
             addresses[sender] = self._bind(pull, len(addresses))
         self._destinations = list(destinations)

@@ -5,36 +5,17 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import tvm
-from modules import unary_module
 
-from tvmpipe.orchestrator import PipelineModule, PipelineModuleConfig, build_pipeline
+from tvmpipe.orchestrator import PipelineModule
 from tvmpipe.orchestrator.library import PipelineLibrary
 from tvmpipe.proto.errors import StageLostError
-
-from .stages import slow_double
 
 pytestmark = pytest.mark.timeout(120)
 
 DETECTION_LIMIT_S = 3.0
-
-
-@pytest.fixture(scope="module")
-def lib() -> Iterator[PipelineLibrary]:
-    """mod1 (Relax) -> mod2 (a Python stage taking 0.2 s per input)."""
-    first = unary_module("negative")
-    cfg = PipelineModuleConfig()
-    cfg.inputs["x"] = (first, "data_0")
-    cfg.connect(first, 0, slow_double, "data")
-    cfg.outputs.append((slow_double, 0))
-    with tvm.transform.PassContext(opt_level=3):
-        built = build_pipeline(cfg)
-    yield built
-    built.close()
 
 
 def inputs(seed: int) -> dict[str, np.ndarray]:
@@ -43,9 +24,9 @@ def inputs(seed: int) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("victim", ["worker", "session"])
 def test_killed_worker_fails_waiting_calls_within_three_seconds(
-    lib: PipelineLibrary, victim: str
+    slow_lib: PipelineLibrary, victim: str
 ) -> None:
-    with PipelineModule(lib) as pipe:
+    with PipelineModule(slow_lib) as pipe:
         first = inputs(0)
         np.testing.assert_allclose(pipe.submit(first).result(10)[0], -first["x"] * 2)
         futures = [pipe.submit(inputs(i)) for i in range(1, 6)]  # about 1 s of work in flight

@@ -3,41 +3,22 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import tvm
-from modules import unary_module
 
-from tvmpipe.orchestrator import PipelineModule, PipelineModuleConfig, build_pipeline
+from tvmpipe.orchestrator import PipelineModule
 from tvmpipe.orchestrator.library import PipelineLibrary
 
-from .stages import slow_double
-
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def lib() -> Iterator[PipelineLibrary]:
-    """mod1 (Relax, fast) -> mod2 (Python, 0.2 s per input: slow on purpose)."""
-    first = unary_module("negative")
-    cfg = PipelineModuleConfig()
-    cfg.inputs["x"] = (first, "data_0")
-    cfg.connect(first, 0, slow_double, "data")
-    cfg.outputs.append((slow_double, 0))
-    with tvm.transform.PassContext(opt_level=3):
-        built = build_pipeline(cfg)
-    yield built
-    built.close()
 
 
 def _x(i: int) -> dict[str, np.ndarray]:
     return {"x": np.full((1, 4), float(i), "float32")}
 
 
-def test_the_slow_stage_is_named_the_bottleneck(lib: PipelineLibrary) -> None:
-    with PipelineModule(lib) as pipe:
+def test_the_slow_stage_is_named_the_bottleneck(slow_lib: PipelineLibrary) -> None:
+    with PipelineModule(slow_lib) as pipe:
         pipe.report(show=False)  # the interval starts here
         outputs = list(pipe.map(_x(i) for i in range(12)))
         text = pipe.report()
@@ -49,8 +30,8 @@ def test_the_slow_stage_is_named_the_bottleneck(lib: PipelineLibrary) -> None:
     assert "bottleneck: stage 'mod2'" in text and "compute-bound" in text
 
 
-def test_a_starved_pipeline_blames_its_inputs(lib: PipelineLibrary) -> None:
-    with PipelineModule(lib) as pipe:
+def test_a_starved_pipeline_blames_its_inputs(slow_lib: PipelineLibrary) -> None:
+    with PipelineModule(slow_lib) as pipe:
         pipe.report(show=False)
         for i in range(3):  # one input at a time, with pauses: the stages mostly wait
             pipe.submit(_x(i)).result(30)

@@ -9,32 +9,15 @@ After every test, nothing may be left running or open (tests/leaks.py) beyond th
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import leaks
 import pytest
 
-BOARDS_PY = Path(__file__).resolve().parents[2] / "deploy" / "netns" / "boards.py"
+from tvmpipe.orchestrator.bench_plan import load_boards_module
 
-
-def _load_boards_module() -> ModuleType:
-    """deploy/netns/boards.py is a plain file (deploy/ is no package): load it by path."""
-    name = "tvmpipe_netns_boards"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, BOARDS_PY)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while executing it
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-netns = _load_boards_module()
+netns = load_boards_module()
 
 
 @pytest.fixture(autouse=True)
