@@ -159,6 +159,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = comparisons(args)
     if args.only:
         wanted = set(args.only.replace(" ", "").split(","))
+        unknown = wanted - set(chosen) - {"5"}
+        if unknown:
+            print(f"tvmpipe bench: no comparison {', '.join(sorted(unknown))}", file=sys.stderr)
+            return 2
+        if "5" in wanted:  # its rows come from the pipelines 3 and 4 deploy
+            wanted |= {"3", "4"}
         chosen = {k: v for k, v in chosen.items() if k in wanted}
     elif args.quick:  # planning sweeps dozens of pipelines on simulated boards: minutes
         for key in SLOW_COMPARISONS:

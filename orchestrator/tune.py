@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -29,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -371,6 +374,40 @@ def _tuning_target(target: tvm.target.Target) -> tvm.target.Target:
     return tvm.target.Target(exported)
 
 
+INTRINSICS_PACKAGE = "tvm.s_tir.tensor_intrin"
+# The tensor intrinsics each target kind's default schedule rules may name.
+INTRINSICS_BY_KIND = {
+    "llvm": ("x86", "arm_cpu", "riscv_cpu", "hexagon"),
+    "cuda": ("cuda",),
+    "rocm": ("rocm",),
+    "metal": ("metal",),
+}
+
+
+def _register_intrinsics(target: tvm.target.Target) -> None:
+    """Register only the tensor intrinsics the target's schedule rules may use.
+
+    Every ``TuneContext`` imports ``tvm.s_tir.tensor_intrin``, whose package parses every
+    backend's intrinsics with TVMScript; each parse walks the caller's stack with ``inspect``,
+    which scans all of ``sys.modules`` per frame: 14 s of CPU before the first trial (CUDA's
+    alone 6 s; the CPU backends' 1.3 s). With a bare package in its place, importing the package
+    is free and the kinds' modules are imported one by one as targets need them.
+    """
+    if INTRINSICS_PACKAGE not in sys.modules:
+        spec = importlib.util.find_spec(INTRINSICS_PACKAGE)
+        if spec is None or spec.submodule_search_locations is None:
+            return  # another TVM layout: MetaSchedule imports what it needs itself
+        package = types.ModuleType(INTRINSICS_PACKAGE, "tvm's tensor intrinsics, by backend")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__package__ = INTRINSICS_PACKAGE
+        sys.modules[INTRINSICS_PACKAGE] = package
+    names = INTRINSICS_BY_KIND.get(target.kind.name)
+    if names is None:  # a kind not listed: every backend's, as TVM would
+        names = tuple(n for kind in INTRINSICS_BY_KIND.values() for n in kind)
+    for name in names:
+        importlib.import_module(f"{INTRINSICS_PACKAGE}.{name}")
+
+
 def _contexts(
     modules: list[tvm.IRModule], target: tvm.target.Target, directory: Path, seed: int, trials: int
 ) -> list[ms.TuneContext]:
@@ -380,6 +417,7 @@ def _contexts(
     budget gets a smaller one, which would only cost time to evolve.
     """
     tuning_target = _tuning_target(target)
+    _register_intrinsics(tuning_target)
     population = max(64, min(512, 16 * trials))
     seen: dict[int, ms.TuneContext] = {}
     for mod in modules:

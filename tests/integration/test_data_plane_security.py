@@ -76,6 +76,16 @@ class Attacker:
         self.sockets.append(push)
         return push
 
+    @staticmethod
+    def spray(push: Any, frames: list[Any]) -> bool:
+        """Queue one message without waiting: once a peer refuses the handshake, libzmq drops
+        the connection's pipe and a blocking send would wait for ever."""
+        try:
+            push.send_multipart(frames, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False
+        return True
+
     def close(self) -> None:
         for push in self.sockets:
             push.close(linger=0)
@@ -106,8 +116,9 @@ def test_forged_parts_and_results(
             part = attacker.socket(stage_address, disguise, server_key)
             result = attacker.socket(pipe.address, disguise, server_key)
             for seq in range(first, first + FORGED):
-                part.send_multipart(encode(Message.data(seq, "mod1", {"data_0": fake})))
-                result.send_multipart(encode(Message.data(seq, "mod3", {"0": fake})))
+                queued = attacker.spray(part, encode(Message.data(seq, "mod1", {"data_0": fake})))
+                queued &= attacker.spray(result, encode(Message.data(seq, "mod3", {"0": fake})))
+                assert queued or security != "off", "nothing refuses an unguarded pipeline"
         if security == "off":
             taken = 2 + FORGED
             _wait_for("forged parts", lambda: pipe.stats()["stages"]["mod2"]["received"] >= taken)

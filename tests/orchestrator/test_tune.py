@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import leaks  # tests/leaks.py (pytest puts tests/ on the path)
@@ -171,3 +173,29 @@ def test_cli_tune_refuses_a_model_it_cannot_load(
 ) -> None:
     assert cli_main(["tune", "no_such_model", "--database", str(tmp_path / "db")]) == 1
     assert "no_such_model" in capsys.readouterr().err
+
+
+INTRINSICS_CHECK = """
+import sys
+import tvm
+from tvm.s_tir import TensorIntrin
+from tvmpipe.orchestrator.tune import _register_intrinsics
+_register_intrinsics(tvm.target.Target({"kind": "llvm"}))
+import tvm.s_tir.tensor_intrin  # what every TuneContext does: now free
+assert "tvm.s_tir.tensor_intrin.cuda" not in sys.modules, "CUDA's intrinsics parsed for a CPU"
+TensorIntrin.get("dot_16x4_vnni")  # x86
+TensorIntrin.get("dot_4x4_i8i8s32_neon")  # arm boards
+_register_intrinsics(tvm.target.Target({"kind": "rocm", "mcpu": "gfx900"}))
+TensorIntrin.get("ROCM_mfma_fill_16x16_f32")
+print("ok")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_target_gets_its_own_backends_intrinsics() -> None:
+    """Only the CPU backends' tensor intrinsics are parsed for a CPU target (CUDA's take 6 s),
+    and a GPU target in the same process still finds its own."""
+    result = subprocess.run(
+        [sys.executable, "-c", INTRINSICS_CHECK], capture_output=True, text=True, timeout=50
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
