@@ -28,6 +28,10 @@ COUNTERS = {  # stats() key -> (metric name, help)
     "dropped": ("tvmpipe_stage_drops", "messages a stage dropped as invalid or unexpected"),
     "bytes_in": ("tvmpipe_stage_received_bytes", "bytes a stage received"),
     "bytes_out": ("tvmpipe_stage_sent_bytes", "bytes a stage sent"),
+    "received_ahead": (
+        "tvmpipe_stage_received_ahead",
+        "input sets a stage received while computing the one before",
+    ),
 }
 HISTOGRAMS = {  # stats() key prefix -> (metric name, help)
     "service": ("tvmpipe_stage_service_seconds", "time a stage computed one input set"),

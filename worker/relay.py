@@ -65,6 +65,9 @@ class RelayRunner:
         with self._lock:
             self._params = {**self._params, **remote}
 
+    def prepare(self, inputs: dict[str, Any]) -> None:
+        """Nothing to do ahead: the inputs travel to the board as they are."""
+
     def __call__(self, inputs: Mapping[str, Any], owned: bool = False) -> list[np.ndarray]:
         with self._lock:
             params = self._params

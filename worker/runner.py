@@ -80,6 +80,8 @@ class Runner(Protocol):
 
     def set_params(self, params: Mapping[str, np.ndarray]) -> None: ...
 
+    def prepare(self, inputs: dict[str, Any]) -> None: ...
+
     def __call__(self, inputs: Mapping[str, Any], owned: bool = False) -> list[np.ndarray]: ...
 
 
@@ -137,6 +139,16 @@ class StageRunner:
     @property
     def param_names(self) -> frozenset[str]:
         return frozenset(self._params)
+
+    def prepare(self, inputs: dict[str, Any]) -> None:
+        """Put received inputs on the device now, in place, so that the call that computes them
+        does not: a stage converts the next input set while the current one computes. Each
+        received frame is freed as soon as it is copied."""
+        if self.kind != "relax":
+            return
+        for name in self.input_names:
+            if name in inputs:
+                inputs[name] = _to_device(inputs[name], self.device)
 
     def __call__(self, inputs: Mapping[str, Any], owned: bool = False) -> list[np.ndarray]:
         """The stage's outputs for ``inputs`` (by name), as numpy arrays.

@@ -1,14 +1,22 @@
-"""A running stage: receive, join by sequence number, compute, send; two threads overlapped.
+"""A running stage: receive, join by sequence number, compute, send; three threads overlapped.
 
-    compute   one PULL socket per sender --decode--> JoinTable (parts of seq k from every sender)
-              --> runner(inputs) --> each destination with room now, else the send queue
+    receive   one PULL socket per sender --decode--> JoinTable (parts of seq k from every sender)
+              --> the next complete input set, ready before the current one is computed
+    compute   that input set --> runner(inputs) --> each destination with room now, else the
+              send queue
     sender    send queue --> one message per destination (next stages, or the client)
 
-Receiving in the compute thread saves a thread hand-off per input (about 40 us of latency and
-CPU in CPython); ZeroMQ's I/O thread already reads ahead while the stage computes. For the same
-reason the compute thread sends an output itself when that costs no wait (``_hand_on``); the
-send thread takes what must wait for room downstream, so encoding and sending never hold up
-the next computation. On loopback the receive sockets are Unix sockets (proto/transport.py).
+Whoever is free receives. While inputs queue up (the last one was there before the stage asked
+for it), the receive thread takes the sockets while the runner computes and receives, decodes
+and joins the next input set (``_prefetch_loop``), so that none of that is on the critical path
+of a stage that waits on its device. Otherwise the compute thread receives itself: waking
+another thread costs about 40 us of latency and CPU per input in CPython, which a lone request
+or a small message must not pay. The sockets are guarded by ``_recv_lock``; the
+compute thread wakes the receive thread out of its poll (an inproc socket) when it wants them
+back. For the same reason the compute thread sends an output itself when that costs no wait
+(``_hand_on``); the send thread takes what must wait for room downstream, so encoding and
+sending never hold up the next computation. On loopback the receive sockets are Unix sockets
+(proto/transport.py).
 
 Every sender delivers exactly one message (data or error) per sequence number and epoch to each
 of its destinations, so a stage knows when an input set is complete, and an error travels along
@@ -18,7 +26,8 @@ has its own, and a message whose ``from`` names another is dropped.
 
 Everything a stage holds is bounded by ``queue_bytes``, in four quarters: the receive sockets
 (each sender's high-water mark, in messages of the largest size it may send), the partial input
-sets (held back, never evicted: see joins.py), the send queue, and the outgoing sockets (their
+sets (held back, never evicted: see joins.py; with the one complete set received ahead), the
+send queue, and the outgoing sockets (their
 high-water marks are set when the first message shows how big messages on that edge are). Each
 receive socket refuses any frame larger than what its sender may send (ZeroMQ's MAXMSGSIZE).
 
@@ -31,6 +40,8 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
+import itertools
 import shutil
 import tempfile
 import threading
@@ -71,6 +82,7 @@ SENT_KEPT = 4096  # sequence numbers remembered as sent, for locate()
 # convention: cumulative counts per bound, the last bound is +Inf).
 BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 REWIRE_TIMEOUT_S = 10.0
+_WAKE_NAMES = itertools.count()  # inproc endpoints of the receive thread's wake-up sockets
 TRACE_KEPT = 4096  # inputs whose timeline a tracing stage keeps (the most recent)
 
 
@@ -88,6 +100,7 @@ class StageStats:
     """Counters the controller reads through ``tvmpipe.stage.stats``."""
 
     received: int = 0
+    received_ahead: int = 0  # input sets the receive thread had ready before they were asked for
     processed: int = 0
     failed: int = 0
     sent: int = 0
@@ -113,6 +126,7 @@ class StageStats:
         times = np.array(self.service_times) if self.service_times else np.zeros(1)
         return {
             "received": self.received,
+            "received_ahead": self.received_ahead,
             "processed": self.processed,
             "failed": self.failed,
             "sent": self.sent,
@@ -171,6 +185,14 @@ class Stage:
         self._threads: list[threading.Thread] = []
         self._sent: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._computing: int | None = None  # the input the runner has now
+        self._recv_lock = threading.Lock()  # the receive sockets and the join table's reading
+        self._ahead: collections.deque[tuple[int, int, Any]] = collections.deque()  # at most 1
+        self._ahead_changed = threading.Condition()
+        self._computing_now = threading.Event()  # the receive thread's cue to read ahead
+        self._queued_up = False  # the last input set was there before it was asked for
+        self._wake_in: zmq.Socket[Any] | None = None  # the compute thread's end
+        self._wake_out: zmq.Socket[Any] | None = None  # the receive thread's end
+        self._ahead_poller: zmq.Poller | None = None  # the receive thread's, for one sender
         self._first_part: dict[int, float] = {}  # seq -> when its first part came (joins)
         self._started_at = time.perf_counter()
         self._trace: collections.deque[dict[str, float]] | None = None  # done, when tracing
@@ -220,7 +242,20 @@ class Stage:
         self._started_at = time.perf_counter()
         if trace:
             self._trace = collections.deque(maxlen=TRACE_KEPT)
-        for target, label in ((self._compute_loop, "compute"), (self._send_loop, "send")):
+        wake = f"inproc://tvmpipe-wake-{next(_WAKE_NAMES)}"
+        self._wake_out = self._context.socket(zmq.PAIR)
+        self._wake_out.setsockopt(zmq.LINGER, 0)
+        self._wake_out.bind(wake)
+        self._wake_in = self._context.socket(zmq.PAIR)
+        self._wake_in.setsockopt(zmq.LINGER, 0)
+        self._wake_in.setsockopt(zmq.SNDHWM, 1)  # one pending wake-up is enough
+        self._wake_in.connect(wake)
+        loops = (
+            (self._compute_loop, "compute"),
+            (self._prefetch_loop, "receive"),
+            (self._send_loop, "send"),
+        )
+        for target, label in loops:
             thread = threading.Thread(
                 target=target, name=f"tvmpipe-{self.name}-{label}", daemon=True
             )
@@ -250,6 +285,9 @@ class Stage:
                 done.set()
         for pull in self._pulls.values():
             pull.close(linger=0)
+        for wake in (self._wake_in, self._wake_out):
+            if wake is not None:
+                wake.close(linger=0)
         for push in self._pushes.values():
             push.close(linger=LINGER_MS)
         self._guard.close()
@@ -295,29 +333,47 @@ class Stage:
                 return {"state": "waiting", "for": waiting}
             if seq == self._computing:
                 return {"state": "computing"}
+            if any(item[0] == seq for item in tuple(self._ahead)):
+                return {"state": "received"}
             if seq in self._sent:
                 return {"state": "sent"}
         return {"state": "unseen"}
 
     # ----- the compute loop
-    def _receive(self) -> tuple[int, int, Any] | None:
-        """The next complete input set, or None after ``POLL_MS`` without one."""
-        if len(self._pulls) == 1:  # one sender: no poller, and no poll when a message waits
+    def _receive(self, wake: zmq.Socket[Any] | None = None) -> tuple[int, int, Any] | None:
+        """The next complete input set, or None after ``POLL_MS`` without one (holding
+        ``_recv_lock``); ``wake``: a socket whose message ends the wait early."""
+        if len(self._pulls) == 1 and wake is None:  # no poller, and no poll when one waits
             sender, pull = next(iter(self._pulls.items()))
             try:
                 frames = pull.recv_multipart(copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
+                self._queued_up = False
                 if not pull.poll(POLL_MS, zmq.POLLIN):
                     return None
                 frames = pull.recv_multipart(copy=False)
+        elif len(self._pulls) == 1:  # the receive thread: its one sender or a wake-up
+            sender, pull = next(iter(self._pulls.items()))
+            if self._ahead_poller is None:
+                self._ahead_poller = zmq.Poller()
+                self._ahead_poller.register(pull, zmq.POLLIN)
+                self._ahead_poller.register(wake, zmq.POLLIN)
+            if not any(sock is pull for sock, _ in self._ahead_poller.poll(POLL_MS)):
+                return None
+            frames = pull.recv_multipart(copy=False)
         else:
             with self._lock:
                 readable = self._joins.readable()
             poller = zmq.Poller()
             for name in readable:
                 poller.register(self._pulls[name], zmq.POLLIN)
-            ready = dict(poller.poll(POLL_MS))
+            if wake is not None:
+                poller.register(wake, zmq.POLLIN)
+            ready = dict(poller.poll(0))
             if not ready:
+                self._queued_up = self._queued_up and wake is not None  # the compute thread waits
+                ready = dict(poller.poll(POLL_MS))
+            if not any(self._pulls[n] in ready for n in readable):
                 return None
             sender = next(n for n in readable if self._pulls[n] in ready)
             frames = self._pulls[sender].recv_multipart(copy=False)
@@ -408,7 +464,7 @@ class Stage:
             self.placement = self._on_compute_start()
         while not self._stopping.is_set():
             idle = time.perf_counter()
-            item = self._receive()
+            item = self._next_input()
             waited = time.perf_counter() - idle
             with self._lock:
                 self.stats.waiting_s += waited
@@ -422,6 +478,8 @@ class Stage:
             self._mark(seq, "start")
             started = time.perf_counter()
             self._computing = seq
+            if self._queued_up:
+                self._computing_now.set()
             try:
                 result: Any = self.runner(payload, owned=True)
                 self._check_outputs(result)
@@ -442,6 +500,61 @@ class Stage:
                     self.stats.processed += 1
             self._hand_on(seq, epoch, result)
             del result  # sent, or the send thread holds it now: the only copy
+
+    def _next_input(self) -> tuple[int, int, Any] | None:
+        """The input set received ahead, else one received here (None after ``POLL_MS``)."""
+        self._computing_now.clear()
+        self._queued_up = True  # until the compute thread has to wait for one
+        item = self._take_ahead()
+        if item is not None:
+            return item
+        if self._recv_lock.locked():  # the receive thread is polling: the sockets, please
+            with contextlib.suppress(zmq.Again):
+                self._wake_in.send(b"", zmq.NOBLOCK)  # type: ignore[union-attr]
+        if not self._recv_lock.acquire(timeout=POLL_MS / 1000):
+            return None
+        try:
+            item = self._take_ahead()  # it may have finished one meanwhile
+            return item if item is not None else self._receive()
+        finally:
+            self._recv_lock.release()
+
+    def _take_ahead(self) -> tuple[int, int, Any] | None:
+        with self._ahead_changed:
+            if not self._ahead:
+                return None
+            self._ahead_changed.notify()
+            self.stats.received_ahead += 1  # only the compute thread writes it
+            return self._ahead.popleft()
+
+    def _prefetch_loop(self) -> None:
+        """While the runner computes, receive the next input set and hold it ready."""
+        wake = self._wake_out
+        assert wake is not None
+        while not self._stopping.is_set():
+            if not self._computing_now.wait(POLL_MS / 1000):
+                continue
+            with self._ahead_changed:
+                if self._ahead:  # one is enough: wait until the compute thread takes it
+                    self._ahead_changed.wait(POLL_MS / 1000)
+                    continue
+            with self._recv_lock:
+                while wake.poll(0):  # wake-ups sent while this thread was not polling
+                    wake.recv()
+                while self._computing_now.is_set() and not self._stopping.is_set():
+                    item = self._receive(wake)
+                    if item is not None:
+                        if isinstance(item[2], dict):
+                            self._prepare(item[2])
+                        with self._ahead_changed:
+                            self._ahead.append(item)
+                        break
+
+    def _prepare(self, inputs: dict[str, Any]) -> None:
+        """Convert an input set received ahead for the device; a failure is left for the
+        computation to meet and report."""
+        with contextlib.suppress(Exception):  # the runner's call meets it again, for this input
+            self.runner.prepare(inputs)
 
     def _check_outputs(self, outputs: list[np.ndarray]) -> None:
         wanted = max((i for dest in self._destinations for i, _ in dest.tensors), default=-1)
