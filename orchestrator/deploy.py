@@ -18,7 +18,6 @@ import selectors
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -47,6 +46,7 @@ from tvmpipe.proto.rpcauth import (
     session_proof,
 )
 
+from . import forks
 from .library import PipelineLibrary, StageInfo
 
 READY_TIMEOUT_S = 60.0
@@ -67,14 +67,11 @@ class LocalWorker:
     ):
         """``secret_file`` (default: ``$TVMPIPE_SECRET_FILE``, if set): the worker's secret."""
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
-        command = [sys.executable, "-m", "tvmpipe.worker", "--host", host, "--port", "0"]
-        command += ["--exit-with-parent", "--silent", *extra_args]
+        argv = ["--host", host, "--port", "0", "--exit-with-parent", "--silent", *extra_args]
         secret_file = secret_file or secret_file_from_env()
         if secret_file:
-            command += ["--secret-file", secret_file]
-        self.process = subprocess.Popen(
-            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr
-        )
+            argv += ["--secret-file", secret_file]
+        self.process = forks.start_worker(argv, self._stderr)
         self.host = host
         self.port: int | None = None
 

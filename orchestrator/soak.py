@@ -33,6 +33,7 @@ from tvm import relax
 
 from tvmpipe.proto.errors import TvmpipeError
 
+from . import forks
 from .build import build_pipeline
 from .client import PipelineModule
 from .config import PipelineModuleConfig
@@ -116,7 +117,7 @@ def watched_processes(pipe: PipelineModule) -> list[Watched]:
     stages = pipe.stats()["stages"]
     stage_of = {data.get("pid"): name for name, data in stages.items()}
     found = [Watched("client", me)]
-    for worker in me.children():
+    for worker in forks.children():
         sessions = worker.children()
         names = [stage_of.get(s.pid, f"session {s.pid}") for s in sessions]
         found.append(Watched(f"worker({','.join(names) or '-'})", worker))

@@ -14,9 +14,17 @@ import zmq
 
 from .security import is_loopback
 
-LOOPBACK_TRANSPORT = os.environ.get("TVMPIPE_LOOPBACK_TRANSPORT", "ipc")
+LOOPBACK_TRANSPORT: str | None = None  # None: $TVMPIPE_LOOPBACK_TRANSPORT, else "ipc"
+
+
+def loopback_transport() -> str:
+    """Read when a socket is made: a worker forked from a fork server (worker/forkserver.py)
+    gets its environment after this module was imported."""
+    return LOOPBACK_TRANSPORT or os.environ.get("TVMPIPE_LOOPBACK_TRANSPORT", "ipc")
 
 
 def local_endpoint(advertise_host: str) -> bool:
     """Whether a socket that senders reach at ``advertise_host`` should be a Unix socket."""
-    return LOOPBACK_TRANSPORT == "ipc" and zmq.has("ipc") and is_loopback(f"tcp://{advertise_host}")
+    return (
+        loopback_transport() == "ipc" and zmq.has("ipc") and is_loopback(f"tcp://{advertise_host}")
+    )

@@ -10,6 +10,8 @@ import numpy as np
 import psutil
 import pytest
 
+from tvmpipe.orchestrator import forks
+
 # The slowest files, started first: make test runs two pytest-xdist processes that each take a
 # whole file at a time, and a long file started last would run alone at the end.
 SLOW_FIRST = (
@@ -44,6 +46,7 @@ def rng() -> np.random.Generator:
 def no_process_left_at_exit() -> Iterator[None]:
     """The whole suite must leave no child process (workers, trackers, RPC sessions) behind."""
     yield
+    forks.shutdown()  # the fork server for local workers lives until then
     me = psutil.Process()
     deadline = time.monotonic() + 10
     left = me.children(recursive=True)

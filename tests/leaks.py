@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import psutil
 import zmq
 
+from tvmpipe.orchestrator import forks
+
 TOKEN_ENV = "TVMPIPE_INTEGRATION_TEST_TOKEN"
 DEADLINE_S = 10.0
 STOP_TIMEOUT_S = 5.0
@@ -117,6 +119,7 @@ def start_pyzmq_gc() -> None:
 
 def take() -> Snapshot:
     start_pyzmq_gc()
+    forks.ensure_started()  # this process's fork server for local workers lives until exit
     return Snapshot(
         token=uuid.uuid4().hex,
         processes=frozenset(_identity(p) for p in _descendants()),

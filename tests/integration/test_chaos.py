@@ -41,7 +41,7 @@ import psutil
 import pytest
 
 import tvmpipe.orchestrator.fleet as fleet_module
-from tvmpipe.orchestrator import PipelineLibrary, PipelineModule
+from tvmpipe.orchestrator import PipelineLibrary, PipelineModule, forks
 from tvmpipe.proto.errors import PipelineError, StageLostError, TvmpipeError
 
 SEED = int(os.environ.get("TVMPIPE_CHAOS_SEED", "20250611"))
@@ -101,20 +101,16 @@ def identify(out: list[np.ndarray]) -> int | None:
 
 
 def _ours(pid: int | None) -> psutil.Process | None:
-    """``pid`` if it is a live process started under this test (a local worker, a child of this
-    process, or a session, a child of such a worker); never anyone else's."""
+    """``pid`` if it is a live process started under this test (a local worker, or a session
+    forked by one), never anyone else's."""
     if not isinstance(pid, int):
         return None
-    me = os.getpid()
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
+    for proc in psutil.Process().children(recursive=True):
+        if proc.pid == pid:
+            with contextlib.suppress(psutil.Error):
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    return proc
             return None
-        parent = proc.ppid()
-        if parent == me or psutil.Process(parent).ppid() == me:
-            return proc
-    except psutil.Error:
-        return None
     return None
 
 
@@ -232,7 +228,8 @@ class Chaos:
         if session is None or not fault.kind.endswith("worker"):
             return session
         worker = _ours(session.ppid())
-        return worker if worker is not None and worker.ppid() == os.getpid() else None
+        local = {p.pid for p in forks.children()}  # started here, or by the fork server
+        return worker if worker is not None and worker.pid in local else None
 
     def _fire(self, fault: Fault) -> None:
         deadline = time.monotonic() + RETARGET_S

@@ -19,7 +19,7 @@ import psutil
 import pytest
 from modules import pause_then_double, pause_then_increment
 
-from tvmpipe.orchestrator import PipelineLibrary, PipelineModule, PipelineModuleConfig
+from tvmpipe.orchestrator import PipelineLibrary, PipelineModule, PipelineModuleConfig, forks
 
 from .conftest import build
 
@@ -47,11 +47,11 @@ def lib() -> Iterator[PipelineLibrary]:
 
 def _processes() -> dict[psutil.Process, str]:
     """This process and all its descendants (workers and their session processes), by role."""
-    me = psutil.Process()
-    roles = {me: "client"}
-    for proc in me.children(recursive=True):
+    roles = {psutil.Process(): "client"}
+    for worker in forks.children():  # started by this process or by its fork server
+        roles[worker] = "worker"
         with contextlib.suppress(psutil.Error):
-            roles[proc] = "worker" if proc.ppid() == me.pid else "session"
+            roles.update((session, "session") for session in worker.children(recursive=True))
     return roles
 
 

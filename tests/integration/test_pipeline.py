@@ -43,6 +43,7 @@ from tvmpipe.orchestrator import (
     PipelineModule,
     PipelineModuleConfig,
     StageError,
+    forks,
     load_library,
 )
 from tvmpipe.proto.errors import (
@@ -361,8 +362,9 @@ def test_explicit_servers_serve_one_pipeline_after_another(
     worker_pids = [w.pid for w in workers]
     for round_, sets in enumerate((rfc_sets(7, 5), rfc_sets(8, 5))):
         with PipelineModule(rfc_lib, servers=servers) as pipe:
-            # no local worker: only the three hand-started ones are children of this process
-            assert sorted(p.pid for p in psutil.Process().children()) == sorted(worker_pids)
+            # no local worker: only the three hand-started ones run (started by this process
+            # or by its fork server)
+            assert sorted(p.pid for p in forks.children()) == sorted(worker_pids)
             # stage k runs in a session process of worker k
             for session, pid in zip(pipe._fleet.stage_sessions(), worker_pids, strict=True):
                 assert session.remote_pid is not None
@@ -731,7 +733,7 @@ def test_missing_device_is_a_deploy_error() -> None:
     assert re.search(r"worker 127\.0\.0\.1:\d+", message), message
     assert "cpu" in message  # what the worker has
     # the failed deploy stopped the worker it had started
-    assert wait_gone([p.pid for p in psutil.Process().children(recursive=True)]) == []
+    assert wait_gone([p.pid for p in forks.children()]) == []
 
 
 # ----- regressions: bugs these tests found
