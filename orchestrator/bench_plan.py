@@ -172,10 +172,10 @@ def run_model(model: Model, boards: Any, settings: Settings, work: Path) -> list
     )
     boards.wait_free(timeout=30)
     planned_keys = [plan.where[d.name]["key"] for d in plan.devices]
-    predicted = [s.compute_s for s in plan.solution.stages]
+    predicted = plan.stage_times_s()
     say(
         f"planned {describe(plan.cuts, planned_keys)} in {time.perf_counter() - began:.0f} s, "
-        f"predicted {1 / plan.solution.bottleneck_s:.2f}/s"
+        f"predicted {plan.predicted_rate():.2f}/s"
     )
     libs: dict[tuple[int, ...], PipelineLibrary] = {}
 
@@ -285,16 +285,15 @@ def run_model(model: Model, boards: Any, settings: Settings, work: Path) -> list
             target=TARGET_PREDICTION,
             samples={"worst": worst},
             note=f"service time on the board (mean over {count} inputs) against the plan's "
-            f"compute time, medians: {per_stage}. A stage that is not the bottleneck idles "
-            f"between inputs, so its board's CPU quota does not throttle it: it runs faster than "
-            f"the back-to-back timing the plan used",
+            f"stage time (full speed where the stage stays within its board's CPU share, the "
+            f"share's pace where it does not), medians: {per_stage}",
         ),
         Row(
             NAME,
             f"{what}: plan's throughput, measured vs predicted",
             "inputs/s",
             medians["planned"],
-            1 / plan.solution.bottleneck_s,
+            plan.predicted_rate(),
             f"predicted ({plan.solution.bottleneck()})",
             samples={"planned": samples["planned"]},
         ),

@@ -295,7 +295,7 @@ def _demo(args: argparse.Namespace) -> int:
                     targets={KEY: target},
                     database=database,
                 )
-            cuts, predicted = plan.cuts, [s.compute_s for s in plan.solution.stages]
+            cuts, predicted = plan.cuts, plan.stage_times_s()
             cached = (
                 " (piece times from the cache)" if all(plan.measured["cached"].values()) else ""
             )

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import tvm
 import tvm_ffi
+import zmq
 from tvm import relax
 
 from tvmpipe.proto.errors import ConfigError, DeployError
@@ -270,12 +271,15 @@ def measure_compute(
     *,
     min_repeat_ms: int = 20,
     progress: bool | None = None,
+    quota: tuple[float, float] | None = None,
 ) -> list[float]:
     """Median seconds of each stage of ``lib``, run on the worker behind ``session``.
 
     ``session`` is an open tvm.rpc session (tvmpipe-worker or TVM's own RPC server); each
     artifact is uploaded and loaded there, its inputs are random tensors on the remote device,
-    and the remote VM times it, so no network time is counted.
+    and the remote VM times it, so no network time is counted. ``quota``: the worker may use
+    that many cores of CPU time per period of that many seconds (its cgroup's); the times are
+    then those of a stage at full speed, each timed within one period's share (``_full_speed``).
     """
     for stage in lib.stages:
         if stage.kind != "relax":
@@ -288,7 +292,9 @@ def measure_compute(
     for stage in lib.stages:
         inputs = [_random_input(s, rng) for s in stage.inputs]
         try:
-            times.append(_time_stage(lib, stage, inputs, session, device, repeat, min_repeat_ms))
+            times.append(
+                _time_stage(lib, stage, inputs, session, device, repeat, min_repeat_ms, quota)
+            )
         except Exception as exc:
             raise DeployError(
                 f"stage {stage.name!r}: timing it on the worker ({device}) failed: {exc}"
@@ -305,6 +311,7 @@ def _time_stage(
     device: str,
     repeat: int,
     min_repeat_ms: int,
+    quota: tuple[float, float] | None = None,
 ) -> float:
     # A fresh name each time: rewriting a library the session has loaded would crash it.
     name = f"measure-{uuid.uuid4().hex[:12]}-{stage.artifact}"
@@ -312,10 +319,43 @@ def _time_stage(
     dev = session.device(device)
     vm = relax.VirtualMachine(session.load_module(name), dev)
     vm.set_input("main", *(tvm.runtime.tensor(x, dev) for x in inputs))
+    if quota is not None and quota[0] < 1:
+        return _full_speed(vm, dev, repeat, *quota)
     timer = vm.time_evaluator(
         "invoke_stateful", dev, number=1, repeat=repeat, min_repeat_ms=min_repeat_ms
     )
     return float(timer("main").median)
+
+
+def _full_speed(vm: Any, dev: Any, repeat: int, cores: float, period_s: float) -> float:
+    """Seconds of one run at full speed on a worker allowed ``cores`` of CPU per period.
+
+    Timed back to back, a stage would use up its share early in each period and then wait, a
+    mix of both speeds that depends on where the periods fall. So each timing starts after an
+    idle period (TVM's cooldown between repeats, on the worker) and uses at most half the
+    share; the first repeat, right after TVM's warm-up call, is left out. A stage longer than
+    the share is throttled whatever the load: its full-speed time is worked out from one run
+    (``wall = share + (c - share) / cores``).
+    """
+    share = cores * period_s
+    cooldown_ms = int(1.2 * period_s * 1000)
+
+    def timed(number: int, repeats: int) -> list[float]:
+        timer = vm.time_evaluator(
+            "invoke_stateful",
+            dev,
+            number=number,
+            repeat=repeats + 1,
+            cooldown_interval_ms=cooldown_ms,
+            repeats_to_cooldown=1,
+        )
+        return [float(t) for t in timer("main").results[1:]]
+
+    single = timed(1, 1)[0]
+    if single > share:
+        return share + (single - share) * cores
+    number = max(1, int(0.5 * share / max(single, 1e-9)))
+    return float(np.median(timed(number, repeat)))
 
 
 def profile_compute(
@@ -331,16 +371,20 @@ def profile_compute(
     progress: bool | None = None,
     database: str | os.PathLike[str] | None = None,
     rpc_key: str = "",
+    quota: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
     """Seconds per segment of ``split_module(mod, cuts)``, built for ``target`` and timed on the
     worker behind ``session`` (a worker of ``kind``), from ``cache`` when it has them.
     ``database``: build with this tuning database (tune.py), for the kind of ``target``,
-    ``device`` and ``rpc_key``; its digest is part of the cache key.
+    ``device`` and ``rpc_key``; its digest is part of the cache key. ``quota``: the worker's
+    CPU quota (cores, period): the times are then at full speed (``measure_compute``).
 
     Returns ``{"times": [...], "cached": bool, "key": str}``; on a cache hit nothing is built
     and ``session`` is not touched.
     """
     extra: dict[str, Any] = {"device": device}
+    if quota is not None and quota[0] < 1:
+        extra["cpu_quota"] = list(quota)
     if database is not None:
         extra["database"] = database_digest(find_database(database, target, device, rpc_key))
     key = MeasureCache.key(mod, cuts, target, kind, **extra)
@@ -358,7 +402,7 @@ def profile_compute(
     with tvm.transform.PassContext(opt_level=3):
         lib = build_pipeline(cfg, database=database)
     try:
-        times = measure_compute(lib, session, device, repeat, progress=progress)
+        times = measure_compute(lib, session, device, repeat, progress=progress, quota=quota)
     finally:
         lib.close()
     if cache is not None:
@@ -388,15 +432,25 @@ def measure_link(
     size: int = 1 << 20,
     pings: int = 10,
     timeout: float = 10.0,
+    security: str = "auto",
 ) -> dict[str, Any]:
     """Latency and bandwidth of the ZeroMQ link from ``src`` to ``dst`` (RPC sessions to
     tvmpipe-workers; ``src=None``: from this controller). Times are taken by the sender.
+    ``security``: the data plane's mode (proto/security.py); where it would encrypt this link,
+    the probe does too.
 
-    Returns ``{"latency_s", "rtt_s", "bandwidth_Bps", "bytes"}``.
+    Returns ``{"latency_s", "rtt_s", "bandwidth_Bps", "bytes", "send_cpu_s",
+    "receive_cpu_s", "encrypted"}``: the CPU seconds each side's process spent on the bytes.
     """
-    sink = json.loads(
-        _call(dst, "tvmpipe.probe.sink", json.dumps({"count": count, "timeout": timeout}))
-    )
+    server_public, server_secret = (k.decode() for k in zmq.curve_keypair())
+    sink_request = {
+        "count": count,
+        "timeout": timeout,
+        "security": security,
+        "curve_secret": server_secret,
+    }
+    sink = json.loads(_call(dst, "tvmpipe.probe.sink", json.dumps(sink_request)))
+    encrypted = bool(sink.get("encrypted"))
     request = json.dumps(
         {
             "address": sink["address"],
@@ -404,6 +458,7 @@ def measure_link(
             "size": size,
             "pings": pings,
             "timeout": timeout,
+            **({"curve_server": server_public} if encrypted else {}),
         }
     )
     try:
@@ -416,7 +471,11 @@ def measure_link(
         )
     if not received.get("done"):
         raise DeployError(f"the link probe's sink did not receive everything: {received}")
-    return {k: sent[k] for k in ("latency_s", "rtt_s", "bandwidth_Bps", "bytes")}
+    found = {k: sent[k] for k in ("latency_s", "rtt_s", "bandwidth_Bps", "bytes")}
+    found["send_cpu_s"] = float(sent.get("send_cpu_s", 0.0))  # older workers: unknown
+    found["receive_cpu_s"] = float(received.get("receive_cpu_s", 0.0))
+    found["encrypted"] = encrypted
+    return found
 
 
 def measure_links(
@@ -441,9 +500,20 @@ def measure_links(
     return links
 
 
-def measure_memory(session: Any) -> dict[str, int]:
-    """``{"available", "total", "cpus"}`` of the worker behind ``session`` (bytes, cores)."""
-    return dict(json.loads(_call(session, "tvmpipe.probe.memory")))
+def measure_memory(session: Any) -> dict[str, Any]:
+    """``{"available", "total", "cpus", "cpu_quota", "cpu_period_s"}`` of the worker behind
+    ``session`` (bytes, cores; the quota in cores per period, None when it has none)."""
+    found = dict(json.loads(_call(session, "tvmpipe.probe.memory")))
+    found.setdefault("cpu_quota", None)  # a worker of an older tvmpipe
+    found.setdefault("cpu_period_s", None)
+    return found
+
+
+def cpu_quota(memory: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(cores, period in seconds) from ``measure_memory``'s answer; None without a quota."""
+    if memory.get("cpu_quota") and memory.get("cpu_period_s"):
+        return float(memory["cpu_quota"]), float(memory["cpu_period_s"])
+    return None
 
 
 # ----- the cache

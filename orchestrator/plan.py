@@ -9,6 +9,7 @@ Plan prints as a table, gives a ready PipelineModuleConfig, and is deployed as p
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from .measure import (
     CONTROLLER,
     MeasureCache,
     candidate_cuts,
+    cpu_quota,
     measure_links,
     measure_memory,
     profile_compute,
@@ -75,6 +77,56 @@ class Plan:
                 cfg[module].rpc_key = key
         return cfg
 
+    def stage_times_s(self) -> list[float]:
+        """Each stage's predicted compute time per input, as the running stage will measure it.
+
+        The solver plans with sustained compute times: a worker with a CPU quota (a cgroup's)
+        computing back to back gets only its share of each period. On such a worker the data
+        plane's CPU (receiving, sending, encrypting: measured by the link probes) comes out of
+        the same share. A stage that uses less than its share per period, its data included,
+        computes at full speed; one that would use more runs at the share's pace.
+        """
+        times, _ = self._predicted()
+        return times
+
+    def predicted_rate(self) -> float:
+        """Inputs per second the plan should run at (its data plane's CPU counted)."""
+        _, bottleneck_s = self._predicted()
+        return 1.0 / bottleneck_s if bottleneck_s > 0 else float("inf")
+
+    def _predicted(self) -> tuple[list[float], float]:
+        full = self.measured.get("full_speed", {})
+        quotas = self.measured.get("quota", {})
+        data_cpu = self.measured.get("data_cpu", {})
+        costs = self.measured.get("costs")
+        alone: list[float] = []
+        cpu: list[float] = []
+        shares: list[tuple[float, float] | None] = []
+        for stage in self.solution.stages:
+            kind = stage.device.kind
+            quota = quotas.get(kind)
+            if kind not in full or not quota or quota[0] >= 1 or costs is None:
+                alone.append(stage.compute_s)
+                cpu.append(stage.compute_s)
+                shares.append(None)
+                continue
+            receive, send = data_cpu.get(kind, (0.0, 0.0))
+            compute = sum(full[kind][stage.first : stage.last])
+            moved = receive * costs.cut_bytes[stage.first] + send * costs.cut_bytes[stage.last]
+            alone.append(compute)
+            cpu.append(compute + moved)
+            shares.append(quota)
+        sustained = [c / q[0] if q else c for c, q in zip(cpu, shares, strict=True)]
+        bottleneck_s = max([self.solution.bottleneck_s, *sustained])
+        times = []
+        for fast, used, quota in zip(alone, cpu, shares, strict=True):
+            if quota is None:
+                times.append(fast)
+                continue
+            service = quota_service_s(used, bottleneck_s, *quota)
+            times.append(max(fast, service))
+        return times, bottleneck_s
+
     def placement(self) -> dict[str, Any]:
         """PipelineModule arguments that put each stage where the plan says."""
         places = [self.where[d.name] for d in self.devices]
@@ -108,15 +160,20 @@ class Plan:
 
     def __str__(self) -> str:
         rows = [("stage", "bindings", "worker", "compute ms", "transfer in ms", "memory MiB")]
-        for index, (stage, first, last) in enumerate(
-            zip(self.solution.stages, [0, *self.cuts], [*self.cuts, None], strict=True), start=1
-        ):
+        stages = zip(
+            self.solution.stages,
+            self.stage_times_s(),
+            [0, *self.cuts],
+            [*self.cuts, None],
+            strict=True,
+        )
+        for index, (stage, compute_s, first, last) in enumerate(stages, start=1):
             rows.append(
                 (
                     f"mod{index}",
                     f"{first}..{'end' if last is None else last - 1}",
                     stage.device.name,
-                    f"{stage.compute_s * 1e3:.2f}",
+                    f"{compute_s * 1e3:.2f}",
                     f"{stage.transfer_in_s * 1e3:.2f}",
                     f"{stage.memory_bytes / 2**20:.1f}",
                 )
@@ -125,13 +182,49 @@ class Plan:
         text = [
             "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
         ]
-        rate = 1.0 / self.solution.bottleneck_s if self.solution.bottleneck_s > 0 else float("inf")
+        rate = self.predicted_rate()
         text.append(
             f"results to the client: {self.solution.transfer_out_s * 1e3:.2f} ms; bottleneck "
             f"{self.solution.bottleneck_s * 1e3:.2f} ms ({self.solution.bottleneck()}): "
             f"predicted {rate:.1f} inputs/s"
         )
         return "\n".join(text)
+
+
+def quota_service_s(
+    cpu_s: float, interval_s: float, cores: float, period_s: float, inputs: int = 200
+) -> float:
+    """Mean time from an input's start to its end on a worker whose cgroup grants ``cores``
+    CPU-seconds per second in periods of ``period_s`` (Linux's CFS bandwidth control), each
+    input needing ``cpu_s`` and arriving every ``interval_s``.
+
+    Simulated, period by period, over four phases of the arrivals against the periods: a stage
+    well within its share runs at full speed, one that needs more than its share runs at the
+    share's pace, and one close to it is throttled in the periods where two inputs meet.
+    """
+    if cores >= 1 or cpu_s <= 0:
+        return cpu_s
+    share = cores * period_s
+    means = []
+    for phase in (0.0, 0.25, 0.5, 0.75):
+        free_at, period, budget, total = 0.0, -1, 0.0, 0.0
+        for k in range(inputs):
+            start = max(phase * period_s + k * interval_s, free_at)
+            now, left = start, cpu_s
+            while left > 1e-12:
+                current = math.floor(now / period_s + 1e-12)
+                if current != period:
+                    period, budget = current, share
+                if budget <= 1e-12:
+                    now = (current + 1) * period_s
+                    continue
+                run = min(left, budget, (current + 1) * period_s - now)
+                now, left, budget = now + run, left - run, budget - run
+            free_at = now
+            if k >= inputs // 10:  # after the first ones: the steady state
+                total += now - start
+        means.append(total / (inputs - inputs // 10))
+    return float(sum(means) / len(means))
 
 
 def cuts_from(boundaries: Sequence[int], solution: Solution) -> list[int]:
@@ -153,6 +246,7 @@ def plan_pipeline(
     deploy_timeout: float = REQUEST_TIMEOUT_S,
     progress: bool | None = None,
     database: str | Path | None = None,
+    security: str = "auto",
 ) -> Plan:
     """Measure, on the workers the pipeline will run on, and plan the split.
 
@@ -162,6 +256,8 @@ def plan_pipeline(
     maps a kind (a key, a server address, or "local") to its target (default ``llvm``).
     Segment times are cached on disk (``cache``: a MeasureCache or its directory).
     ``database``: time the segments built with this tuning database (``tune_pipeline``).
+    ``security``: the data plane's mode the pipeline will use; links are probed with it (its
+    encryption costs a board CPU).
     """
     if servers is not None and tracker is not None:
         raise ValueError("give servers or tracker, not both")
@@ -198,13 +294,17 @@ def plan_pipeline(
                 where[name] = {}
         for session in sessions.values():
             session.handshake()
-        devices = [
-            Device(d.name, d.kind, measure_memory(sessions[d.name].rpc)["available"])
-            for d in devices
-        ]
+        quotas: dict[str, tuple[float, float] | None] = {}
+        measured_devices = []
+        for d in devices:
+            memory = measure_memory(sessions[d.name].rpc)
+            quotas.setdefault(d.kind, cpu_quota(memory))  # workers of one kind are alike
+            measured_devices.append(Device(d.name, d.kind, memory["available"]))
+        devices = measured_devices
         boundaries = candidate_cuts(mod, segments)
         profile = static_profile(mod, boundaries)
-        compute: dict[str, list[float]] = {}
+        compute: dict[str, list[float]] = {}  # sustained: what a stage takes back to back
+        full_speed: dict[str, list[float]] = {}  # one input after an idle moment
         cached: dict[str, bool] = {}
         for d in devices:
             if d.kind in compute:
@@ -221,14 +321,31 @@ def plan_pipeline(
                 progress=progress,
                 database=database,
                 rpc_key=where[d.name].get("key", ""),
+                quota=quotas[d.kind],
             )
-            compute[d.kind], cached[d.kind] = measured["times"], measured["cached"]
+            full_speed[d.kind], cached[d.kind] = measured["times"], measured["cached"]
+            quota = quotas[d.kind]
+            share = min(1.0, quota[0]) if quota is not None else 1.0
+            compute[d.kind] = [t / share for t in full_speed[d.kind]]
         links: dict[tuple[str, str], Link] = {}
-        for link in measure_links({n: s.rpc for n, s in sessions.items()}, progress=progress):
+        rpcs = {n: s.rpc for n, s in sessions.items()}
+        kinds = {d.name: d.kind for d in devices}
+        moved: dict[str, list[float]] = {}  # kind -> [send CPU s, bytes, receive CPU s, bytes]
+        for link in measure_links(rpcs, progress=progress, security=security):
+            for side, name in (("send", link["src"]), ("receive", link["dst"])):
+                if name in kinds:
+                    tally = moved.setdefault(kinds[name], [0.0, 0.0, 0.0, 0.0])
+                    offset = 0 if side == "send" else 2
+                    tally[offset] += link[f"{side}_cpu_s"]
+                    tally[offset + 1] += link["bytes"]
             src = CLIENT if link["src"] == CONTROLLER else link["src"]
             links[(src, link["dst"])] = Link(link["bandwidth_Bps"], link["latency_s"])
             if src == CLIENT:  # results come back over the same wire
                 links[(link["dst"], CLIENT)] = links[(src, link["dst"])]
+        data_cpu = {  # kind -> CPU seconds per byte received, and per byte sent
+            kind: (t[2] / t[3] if t[3] else 0.0, t[0] / t[1] if t[1] else 0.0)
+            for kind, t in moved.items()
+        }
     finally:
         for session in sessions.values():
             session.close(stop=False)
@@ -244,7 +361,13 @@ def plan_pipeline(
         targets=targets,
         where=where,
         tracker=tracker,
-        measured={"costs": costs, "cached": cached},
+        measured={
+            "costs": costs,
+            "cached": cached,
+            "full_speed": full_speed,
+            "quota": quotas,
+            "data_cpu": data_cpu,
+        },
     )
 
 

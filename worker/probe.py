@@ -1,4 +1,4 @@
-"""Link and memory probes, called by the planner through tvm.rpc (orchestrator/measure.py).
+"""Link, memory and CPU probes, called by the planner through tvm.rpc (orchestrator/measure.py).
 
 A link is timed over ZeroMQ, like the data plane it stands for, and on the sender's clock only,
 so that boards whose clocks disagree still measure right. The receiving side (``sink``) binds a
@@ -8,6 +8,11 @@ another worker or in the controller) connects a DEALER and:
 - times ``pings`` round trips of a 64-byte message: latency is half the median round trip;
 - sends ``count`` messages of ``size`` bytes back to back and waits for the sink's one ack
   after the last: bandwidth is the bytes over (that time - one round trip).
+
+Both sides also count the CPU time their process spent moving the bytes (ZeroMQ's I/O thread
+included): on a board with a CPU quota, the data plane's CPU comes out of the stage's share.
+With ``curve_secret`` the sink encrypts (CURVE) where the data plane's ``security`` mode would
+at its address (``"encrypted"`` in its answer); the sender then gets ``curve_server``.
 
 Every wait is bounded by ``timeout``; sockets close and contexts end in ``finally``.
 """
@@ -20,10 +25,13 @@ import statistics
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import psutil
 import zmq
+
+from tvmpipe.proto.security import CURVE, mechanism
 
 PING = b"p"
 DATA = b"d"
@@ -50,6 +58,13 @@ def sink(request_json: str) -> str:
     sock = context.socket(zmq.ROUTER)
     try:
         sock.setsockopt(zmq.LINGER, ACK_LINGER_MS)
+        address = f"tcp://{advertise_host}"
+        encrypted = bool(request.get("curve_secret")) and (
+            mechanism(str(request.get("security", "auto")), address) == CURVE
+        )
+        if encrypted:
+            sock.curve_server = True
+            sock.curve_secretkey = str(request["curve_secret"]).encode()
         port = sock.bind_to_random_port(f"tcp://{bind_host}")
     except BaseException:
         sock.close(0)
@@ -65,7 +80,7 @@ def sink(request_json: str) -> str:
     probe_id = uuid.uuid4().hex
     _sinks[probe_id] = (thread, stats)
     thread.start()
-    return json.dumps({"id": probe_id, "address": f"tcp://{advertise_host}:{port}"})
+    return json.dumps({"id": probe_id, "address": f"{address}:{port}", "encrypted": encrypted})
 
 
 def _serve_sink(
@@ -83,7 +98,9 @@ def _serve_sink(
                 continue
             now = time.monotonic()
             stats.setdefault("first_s", now)
+            stats.setdefault("first_cpu_s", time.process_time())
             stats["last_s"] = now
+            stats["last_cpu_s"] = time.process_time()
             stats["messages"] += 1
             stats["bytes"] += len(payload)
             if stats["messages"] >= count:
@@ -102,9 +119,10 @@ def result(request_json: str) -> str:
     request = json.loads(request_json)
     thread, stats = _sinks.pop(str(request["id"]))
     thread.join(float(request.get("timeout", 10.0)))
-    reply = {k: v for k, v in stats.items() if k not in ("first_s", "last_s")}
+    reply = {k: v for k, v in stats.items() if not k.startswith(("first_", "last_"))}
     if "first_s" in stats:
         reply["receive_s"] = stats["last_s"] - stats["first_s"]
+        reply["receive_cpu_s"] = stats["last_cpu_s"] - stats["first_cpu_s"]
     reply["finished"] = not thread.is_alive()
     return json.dumps(reply)
 
@@ -119,6 +137,9 @@ def send(request_json: str) -> str:
     sock = context.socket(zmq.DEALER)
     try:
         sock.setsockopt(zmq.LINGER, 0)
+        if request.get("curve_server"):
+            sock.curve_serverkey = str(request["curve_server"]).encode()
+            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
         sock.connect(str(request["address"]))
         ping = PING + bytes(PING_BYTES - 1)
         rtts = []
@@ -130,11 +151,11 @@ def send(request_json: str) -> str:
                 rtts.append(time.perf_counter() - start)
         rtt = statistics.median(rtts) if rtts else 0.0
         block = memoryview(DATA + bytes(size - 1))
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(count):
             sock.send(block, copy=False)
         _receive(sock, deadline, "the ack of the last message")
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     finally:
         sock.close(0)
         context.term()
@@ -145,6 +166,7 @@ def send(request_json: str) -> str:
             "rtt_s": rtt,
             "rtts_s": rtts,
             "elapsed_s": elapsed,
+            "send_cpu_s": cpu,
             "bytes": count * size,
             "bandwidth_Bps": count * size / moving,
         }
@@ -159,11 +181,71 @@ def _receive(sock: zmq.Socket, deadline: float, what: str) -> bytes:
 
 
 def memory() -> str:
-    """What this worker has: available and total bytes of memory, and CPU cores."""
+    """What this worker has: available and total bytes of memory, CPU cores, and the CPU time
+    its cgroup grants per second (``cpu_quota``, in cores; null when unlimited) over periods of
+    ``cpu_period_s``."""
     vm = psutil.virtual_memory()
+    quota = cpu_quota()
     return json.dumps(
-        {"available": int(vm.available), "total": int(vm.total), "cpus": os.cpu_count() or 1}
+        {
+            "available": int(vm.available),
+            "total": int(vm.total),
+            "cpus": os.cpu_count() or 1,
+            "cpu_quota": quota[0] if quota else None,
+            "cpu_period_s": quota[1] if quota else None,
+        }
     )
+
+
+def cpu_quota(
+    proc_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> tuple[float, float] | None:
+    """The tightest CPU quota on this process's cgroup path: (cores, period in seconds).
+
+    A board with a quota computes at full speed until it has used its share of a period, then
+    waits for the next one: the planner predicts a stage from both. cgroup v1's cpu controller
+    (``cpu.cfs_quota_us``, ``cpu.cfs_period_us``) and v2's ``cpu.max`` are read; None when no
+    level of the path sets one.
+    """
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    found: list[tuple[float, float]] = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            mounts = [root]
+        elif "cpu" in controllers.split(","):
+            mounts = [root / controllers, root / "cpu", root / "cpu,cpuacct"]
+        else:
+            continue
+        for mount in mounts:
+            if mount.is_dir():
+                found += _quotas_along(mount, path, v2=controllers == "")
+                break
+    return min(found, key=lambda q: q[0]) if found else None
+
+
+def _quotas_along(mount: Path, path: str, v2: bool) -> list[tuple[float, float]]:
+    """The quotas set on ``path`` and on every cgroup above it."""
+    quotas = []
+    parts = [p for p in path.split("/") if p]
+    for depth in range(len(parts), -1, -1):
+        folder = mount.joinpath(*parts[:depth])
+        try:
+            if v2:
+                quota_text, period_text = (folder / "cpu.max").read_text().split()
+            else:
+                quota_text = (folder / "cpu.cfs_quota_us").read_text().strip()
+                period_text = (folder / "cpu.cfs_period_us").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        if quota_text in ("max", "-1"):
+            continue
+        period_us = float(period_text)
+        quotas.append((float(quota_text) / period_us, period_us / 1e6))
+    return quotas
 
 
 FUNCTIONS = (

@@ -364,7 +364,9 @@ main() {
         need_namespace "$ns"
         # Join the board's cgroup first: exec keeps this pid, so the command starts in it.
         if [[ -d "$(cgroup_of "$ns")" ]]; then echo $$ >"$(cgroup_of "$ns")/cgroup.procs"; fi
-        exec ip netns exec "$ns" "${positional[@]:1}"
+        # nsenter, not `ip netns exec`: that mounts a fresh /sys, without /sys/fs/cgroup, and a
+        # board's worker reads its own CPU quota there (tvmpipe.probe.memory), as on a real one.
+        exec nsenter --net="/run/netns/$ns" -- "${positional[@]:1}"
         ;;
     *) usage ;;
     esac

@@ -148,6 +148,12 @@ def test_links_and_memory(sessions: list[Any]) -> None:
         ("b", "a"),
     }
     assert all(x["latency_s"] > 0 and x["bandwidth_Bps"] > 0 for x in links)
+    # on loopback the data plane does not encrypt (security="auto"), so neither does the probe;
+    # both ends count the CPU the bytes cost them
+    assert not any(x["encrypted"] for x in links)
+    assert link["send_cpu_s"] > 0 and link["receive_cpu_s"] > 0
+    forced = measure_link(b, a, count=4, size=1 << 18, security="encrypt")
+    assert forced["encrypted"] and forced["bytes"] == 1 << 20
     memory = measure_memory(a)
     assert 0 < memory["available"] <= memory["total"] and memory["cpus"] >= 1
 
@@ -211,6 +217,9 @@ def test_links_across_simulated_boards() -> None:
         finally:
             sessions.clear()
             gc.collect()
+    # between boards the data plane encrypts by default: so does the probe, and it costs CPU
+    assert all(x["encrypted"] for x in links.values()), links
+    assert all(x["send_cpu_s"] > 0 and x["receive_cpu_s"] > 0 for x in links.values())
     shaped = links[("b2", "b1")]["bandwidth_Bps"] * 8
     assert 50e6 < shaped < 150e6
     assert 50e6 < links[("controller", "b1")]["bandwidth_Bps"] * 8 < 150e6

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from tvmpipe.worker.probe import cpu_quota
+
 SPIN_ITERATIONS = 12_000_000  # about 0.4 s of one core: several 100 ms quota periods
 SPIN_REPEATS = 3
 FAST_CPU, SLOW_CPU = 1.0, 0.4
@@ -76,6 +78,9 @@ def test_boards_get_their_own_cpu_cgroup_and_quota(
     for board in (half, free):
         assert board.pid in boards.cgroup_pids(board)
         assert _cgroup_of(board.pid) == f"/{board.cgroup.name}"
+    # What the board's worker reports to the planner (tvmpipe.probe.memory)
+    assert cpu_quota(Path(f"/proc/{half.pid}/cgroup")) == (0.5, 0.1)
+    assert cpu_quota(Path(f"/proc/{free.pid}/cgroup")) is None
 
     # A command started in the board joins its cgroup too.
     process = boards.spawn(half, ["sleep", "30"])
@@ -87,6 +92,7 @@ def test_boards_get_their_own_cpu_cgroup_and_quota(
     # Changed later.
     boards.set_cpu(half, 0.25)
     assert _quota(half.cgroup) == (25_000, 100_000)
+    assert cpu_quota(Path(f"/proc/{half.pid}/cgroup")) == (0.25, 0.1)
     boards.set_cpu(free, 0.3)
     assert _quota(free.cgroup) == (30_000, 100_000)
     boards.set_cpu(free, None)

@@ -10,7 +10,7 @@ import pytest
 import tvm
 from tvm import relax
 
-from tvmpipe.orchestrator.plan import Plan, cuts_from
+from tvmpipe.orchestrator.plan import Plan, cuts_from, quota_service_s
 from tvmpipe.orchestrator.planner import Costs, Device, Link, solve
 
 pytestmark = pytest.mark.timeout(120)
@@ -47,6 +47,7 @@ def _plan(mod: tvm.IRModule, boundaries: list[int], compute: dict[str, list[floa
         solution=solution,
         targets={"big": "llvm", "little": "llvm"},
         where={"fast": {"server": "127.0.0.1:9001"}, "slow": {"server": "127.0.0.1:9002"}},
+        measured={"costs": costs},
     )
 
 
@@ -81,3 +82,40 @@ def test_the_config_is_cut_where_the_plan_says_and_runs_like_the_model(tmp_path:
     written = tomllib.loads(plan.write_cluster(tmp_path / "cluster.toml").read_text())
     assert written["stages"]["mod1"]["server"] == "127.0.0.1:9001"
     assert written["stages"]["mod2"]["server"] == "127.0.0.1:9002"
+
+
+def test_a_stage_within_its_boards_cpu_share_is_predicted_at_full_speed() -> None:
+    """The solver plans with sustained times (little has a quarter of a core: 4x its full-speed
+    times back to back). little's light stage is not the bottleneck: it idles between inputs,
+    and while one input fits in its share of a period it runs at full speed; when one input
+    outlasts the share, it is throttled anyway."""
+    mod = _chain(6)
+    full = {"big": [1.0, 1.0, 1.0, 0.5], "little": [1.0, 1.0, 1.0, 0.5]}
+    plan = _plan(mod, [2, 3, 5], LOPSIDED)  # little's sustained times: 4x its full speed
+    assert plan.cuts == [5]
+    plan.measured.update(full_speed=full, quota={"big": None, "little": (0.25, 10.0)})
+    assert plan.stage_times_s() == pytest.approx([3.0, 0.5])
+    assert "500.00" in str(plan)  # the table shows what the running stage will measure
+    plan.measured["quota"]["little"] = (0.25, 0.1)  # a share of 25 ms: 0.5 s outlasts it
+    assert plan.stage_times_s() == pytest.approx([3.0, 2.0], rel=0.1)
+    # The data plane's CPU counts against the share: 16 B in at 10 s/B is 160 s of CPU per
+    # input, far over a quarter core at this pace: little is the bottleneck, at its share's pace
+    plan.measured["quota"]["little"] = (0.25, 10.0)
+    plan.measured["data_cpu"] = {"little": (10.0, 0.0)}
+    assert plan.stage_times_s() == pytest.approx([3.0, (0.5 + 160.0) / 0.25], rel=0.05)
+    assert plan.predicted_rate() == pytest.approx(0.25 / 160.5)
+
+
+def test_the_quota_model_runs_a_stage_at_full_speed_within_its_share_and_at_its_pace_beyond() -> (
+    None
+):
+    """Linux's CFS bandwidth control, period by period: within the share full speed, beyond it
+    the share's pace; close to it, the periods in which two inputs meet are throttled."""
+    # 10 ms per input every 100 ms on a 0.5-core board (50 ms per 100 ms): never throttled
+    assert quota_service_s(0.010, 0.100, 0.5, 0.1) == pytest.approx(0.010)
+    # 80 ms per input, as fast as it can go: two periods' shares per input
+    assert quota_service_s(0.080, 0.080, 0.5, 0.1) == pytest.approx(0.160, rel=0.05)
+    # 40 ms every 85 ms: 94 % of the share, on average within it, yet some inputs wait
+    near = quota_service_s(0.040, 0.085, 0.5, 0.1)
+    assert 0.041 < near < 0.080
+    assert quota_service_s(0.040, 0.010, 2.0, 0.1) == 0.040  # a whole core or more: no limit
