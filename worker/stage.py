@@ -7,9 +7,10 @@
     sender    send queue --> one message per destination (next stages, or the client)
 
 Whoever is free receives. While inputs queue up (the last one was there before the stage asked
-for it), the receive thread takes the sockets while the runner computes and receives, decodes
-and joins the next input set (``_prefetch_loop``), so that none of that is on the critical path
-of a stage that waits on its device. Otherwise the compute thread receives itself: waking
+for it), the receive thread takes the sockets while the runner computes, and only then, and
+receives, decodes and joins the next input set (``_prefetch_loop``), so that none of that is on
+the critical path of a stage that waits on its device. Otherwise the compute thread receives
+itself: waking
 another thread costs about 40 us of latency and CPU per input in CPython, which a lone request
 or a small message must not pay. The sockets are guarded by ``_recv_lock``; the
 compute thread wakes the receive thread out of its poll (an inproc socket) when it wants them
@@ -360,6 +361,8 @@ class Stage:
                 self._ahead_poller.register(wake, zmq.POLLIN)
             if not any(sock is pull for sock, _ in self._ahead_poller.poll(POLL_MS)):
                 return None
+            if not self._computing_now.is_set():  # it came after the computation: not ahead
+                return None
             frames = pull.recv_multipart(copy=False)
         else:
             with self._lock:
@@ -375,6 +378,8 @@ class Stage:
                 ready = dict(poller.poll(POLL_MS))
             if not any(self._pulls[n] in ready for n in readable):
                 return None
+            if wake is not None and not self._computing_now.is_set():
+                return None  # it came after the computation: the compute thread takes it
             sender = next(n for n in readable if self._pulls[n] in ready)
             frames = self._pulls[sender].recv_multipart(copy=False)
         size = sum(len(f.buffer) for f in frames)
@@ -485,6 +490,7 @@ class Stage:
                 self._check_outputs(result)
             except Exception as exc:
                 result = RemoteError.from_exception(self.name, exc)
+            self._computing_now.clear()  # read ahead only while computing
             del payload
             self._computing = None
             elapsed = time.perf_counter() - started

@@ -177,8 +177,6 @@ def test_a_lone_request_is_received_by_the_compute_thread(context: zmq.Context[A
         push.close(0)
         stage.stop()
         sink.close(0)
-    # Idle, the stage receives in its compute thread. A busy machine may delay the compute
-    # thread between sending a result and asking for the next input long enough for that input
-    # to come (the sender here waits for each result): the receive thread takes those.
-    assert stats["received_ahead"] <= requests // 4, stats
-    assert len(runner.prepared_by) == stats["received_ahead"]
+    # The receive thread reads ahead only while the runner computes, and each input here comes
+    # only after the result before it was sent: however slow the machine, none is read ahead.
+    assert stats["received_ahead"] == 0 and not runner.prepared_by, stats
