@@ -509,7 +509,7 @@ def measure_memory(session: Any) -> dict[str, Any]:
     return found
 
 
-def cpu_quota(memory: Mapping[str, Any]) -> tuple[float, float] | None:
+def quota_of(memory: Mapping[str, Any]) -> tuple[float, float] | None:
     """(cores, period in seconds) from ``measure_memory``'s answer; None without a quota."""
     if memory.get("cpu_quota") and memory.get("cpu_period_s"):
         return float(memory["cpu_quota"]), float(memory["cpu_period_s"])

@@ -33,10 +33,10 @@ from .measure import (
     CONTROLLER,
     MeasureCache,
     candidate_cuts,
-    cpu_quota,
     measure_links,
     measure_memory,
     profile_compute,
+    quota_of,
     static_profile,
 )
 from .planner import CLIENT, Costs, Device, Link, Solution, solve
@@ -160,9 +160,10 @@ class Plan:
 
     def __str__(self) -> str:
         rows = [("stage", "bindings", "worker", "compute ms", "transfer in ms", "memory MiB")]
+        times, bottleneck_s = self._predicted()
         stages = zip(
             self.solution.stages,
-            self.stage_times_s(),
+            times,
             [0, *self.cuts],
             [*self.cuts, None],
             strict=True,
@@ -182,7 +183,7 @@ class Plan:
         text = [
             "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
         ]
-        rate = self.predicted_rate()
+        rate = 1.0 / bottleneck_s if bottleneck_s > 0 else float("inf")
         text.append(
             f"results to the client: {self.solution.transfer_out_s * 1e3:.2f} ms; bottleneck "
             f"{self.solution.bottleneck_s * 1e3:.2f} ms ({self.solution.bottleneck()}): "
@@ -298,7 +299,7 @@ def plan_pipeline(
         measured_devices = []
         for d in devices:
             memory = measure_memory(sessions[d.name].rpc)
-            quotas.setdefault(d.kind, cpu_quota(memory))  # workers of one kind are alike
+            quotas.setdefault(d.kind, quota_of(memory))  # workers of one kind are alike
             measured_devices.append(Device(d.name, d.kind, memory["available"]))
         devices = measured_devices
         boundaries = candidate_cuts(mod, segments)

@@ -48,6 +48,24 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
+def gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie counts: it runs nothing)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids: list[int], timeout: float = DEADLINE_S) -> list[int]:
+    """Poll until every pid has exited; returns those still alive at the deadline."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in pids if not gone(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if not gone(p)]
+    return alive
+
+
 def _identity(proc: psutil.Process) -> tuple[int, float]:
     """A pid alone may be reused; with its start time it names one process."""
     try:

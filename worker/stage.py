@@ -10,9 +10,8 @@ Whoever is free receives. While inputs queue up (the last one was there before t
 for it), the receive thread takes the sockets while the runner computes, and only then, and
 receives, decodes and joins the next input set (``_prefetch_loop``), so that none of that is on
 the critical path of a stage that waits on its device. Otherwise the compute thread receives
-itself: waking
-another thread costs about 40 us of latency and CPU per input in CPython, which a lone request
-or a small message must not pay. The sockets are guarded by ``_recv_lock``; the
+itself: waking another thread costs about 40 us of latency and CPU per input in CPython, which
+a lone request or a small message must not pay. The sockets are guarded by ``_recv_lock``; the
 compute thread wakes the receive thread out of its poll (an inproc socket) when it wants them
 back. For the same reason the compute thread sends an output itself when that costs no wait
 (``_hand_on``); the send thread takes what must wait for room downstream, so encoding and
@@ -509,7 +508,6 @@ class Stage:
 
     def _next_input(self) -> tuple[int, int, Any] | None:
         """The input set received ahead, else one received here (None after ``POLL_MS``)."""
-        self._computing_now.clear()
         self._queued_up = True  # until the compute thread has to wait for one
         item = self._take_ahead()
         if item is not None:

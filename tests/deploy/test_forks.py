@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import psutil
 import pytest
+from leaks import wait_gone
 from modules import rfc_example_reference
 
 from tvmpipe.orchestrator import PipelineModule, forks
@@ -22,24 +22,6 @@ pytestmark = [
     pytest.mark.timeout(60),
     pytest.mark.skipif(not forks.enabled(), reason="the fork server is Linux's"),
 ]
-DEADLINE_S = 10.0
-
-
-def _gone(pids: list[int]) -> list[int]:
-    """The pids still running at the deadline."""
-    deadline = time.monotonic() + DEADLINE_S
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.05)
-        alive = [p for p in alive if psutil.pid_exists(p) and not _zombie(p)]
-    return alive
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def test_a_worker_takes_the_environment_of_its_start(
@@ -65,7 +47,7 @@ def test_a_fork_server_that_died_is_replaced() -> None:
     first = forks.server_pid()
     assert first is not None
     psutil.Process(first).kill()
-    assert _gone([first]) == []
+    assert wait_gone([first]) == []
     worker = LocalWorker()
     try:
         worker.wait_ready()
@@ -75,7 +57,7 @@ def test_a_fork_server_that_died_is_replaced() -> None:
     finally:
         worker.stop()
         forks.shutdown()  # the leak check knows the first one only; the next test starts one
-    assert _gone([worker.process.pid]) == []
+    assert wait_gone([worker.process.pid]) == []
 
 
 def test_without_the_fork_server_a_worker_is_a_fresh_process(
@@ -108,4 +90,6 @@ def test_the_fork_server_and_its_workers_end_with_their_controller() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     server, worker = (int(p) for p in result.stdout.split())
-    assert _gone([server, worker]) == [], "the fork server or its worker outlived its controller"
+    assert wait_gone([server, worker]) == [], (
+        "the fork server or its worker outlived its controller"
+    )

@@ -18,6 +18,7 @@ import numpy as np
 import psutil
 import pytest
 import tvm
+from leaks import gone, wait_gone
 from modules import (
     FAIL_MARKER,
     argmax_softmax,
@@ -87,23 +88,6 @@ def check_rfc(out: list[np.ndarray], inputs: dict[str, np.ndarray]) -> None:
     assert len(out) == 1
     assert isinstance(out[0], np.ndarray)
     np.testing.assert_allclose(out[0], rfc_expected(inputs), rtol=1e-6, atol=1e-6)
-
-
-def gone(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def wait_gone(pids: list[int], timeout: float = 10.0) -> list[int]:
-    """Poll until every pid has exited; returns those still alive at the deadline."""
-    deadline = time.monotonic() + timeout
-    alive = [p for p in pids if not gone(p)]
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.05)
-        alive = [p for p in alive if not gone(p)]
-    return alive
 
 
 def wait_no_children(worker: Worker, timeout: float = 10.0) -> list[psutil.Process]:
