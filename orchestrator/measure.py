@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -64,6 +65,7 @@ __all__ = [
 ]
 
 CONTROLLER = "controller"  # the source name of controller-to-worker links
+PACE_PERIODS = 20  # a stage timed at its share's pace: over at least this many quota periods
 
 
 # ----- static analysis of main
@@ -330,12 +332,15 @@ def _time_stage(
 def _full_speed(vm: Any, dev: Any, repeat: int, cores: float, period_s: float) -> float:
     """Seconds of one run at full speed on a worker allowed ``cores`` of CPU per period.
 
-    Timed back to back, a stage would use up its share early in each period and then wait, a
-    mix of both speeds that depends on where the periods fall. So each timing starts after an
-    idle period (TVM's cooldown between repeats, on the worker) and uses at most half the
-    share; the first repeat, right after TVM's warm-up call, is left out. A stage longer than
-    the share is throttled whatever the load: its full-speed time is worked out from one run
-    (``wall = share + (c - share) / cores``).
+    Timed back to back for a short while, a stage would use up its share early in a period and
+    then wait, a mix of both speeds that depends on where the periods fall. A stage that fits
+    in the share is timed at full speed: each timing starts after an idle period (TVM's
+    cooldown between repeats, on the worker), and the first repeat, right after TVM's warm-up
+    call, is left out. A longer one is throttled whatever the load: it is timed back to back
+    over at least PACE_PERIODS periods, where its runs average the share's pace (``c / cores``)
+    wherever the periods fall, and its full-speed time is that pace times ``cores``. (Working
+    it out from single runs after an idle period came out 7 % short: a run may start with a
+    full share just before a period ends and get a second one.)
     """
     share = cores * period_s
     cooldown_ms = int(1.2 * period_s * 1000)
@@ -353,7 +358,14 @@ def _full_speed(vm: Any, dev: Any, repeat: int, cores: float, period_s: float) -
 
     single = timed(1, 1)[0]
     if single > share:
-        return share + (single - share) * cores
+        paced = vm.time_evaluator(
+            "invoke_stateful",
+            dev,
+            number=1,
+            repeat=repeat,
+            min_repeat_ms=math.ceil(PACE_PERIODS * period_s * 1000),
+        )
+        return float(paced("main").median) * cores
     number = max(1, int(0.5 * share / max(single, 1e-9)))
     return float(np.median(timed(number, repeat)))
 

@@ -63,7 +63,7 @@ SUBNET_BASE = "10.77"
 PREFIX_RE = re.compile(r"^(?:tvmpipe-)?tvp([0-9a-z]{5})[0-9a-z]{1,2}-(?:tr|br|b\d+)$")
 # cgroup v1 cpu controller; boards.sh reads the same variable
 CGROUP_CPU = Path(os.environ.get("TVMPIPE_CGROUP_CPU", "/sys/fs/cgroup/cpu"))
-CFS_PERIOD_US = 100_000
+CFS_PERIOD_US = 10_000  # boards.sh's: see there
 _counter = itertools.count()
 
 
@@ -215,8 +215,8 @@ class SimulatedBoards:
         self.rates = _per_board("rate", rate, rates, len(self.keys))
         self.cpus = _per_board("cpu", cpu, cpus, len(self.keys))
         for share in self.cpus:
-            if share is not None and not 0.01 <= share <= 1024:
-                raise ValueError(f"a board's cpu share is in cores, 0.01 or more: got {share}")
+            if share is not None and not 0.1 <= share <= 1024:
+                raise ValueError(f"a board's cpu share is in cores, 0.1 or more: got {share}")
         self.prefix = prefix or f"tvp{_b36(os.getpid(), 5)}{_b36(next(_counter), 1)}"
         self._subnet = subnet
         self.ready_timeout = ready_timeout

@@ -30,8 +30,10 @@
 # loaded both ways delivers about 85-95% of RATE as TCP payload (ACKs queue behind data).
 #
 # CPU: --cpu gives each board a cgroup (v1 cpu controller, $TVMPIPE_CGROUP_CPU or
-# /sys/fs/cgroup/cpu) named tvmpipe-P-bK, with cpu.cfs_period_us 100000 and cpu.cfs_quota_us
-# SHARE x 100000: 0.4 is 40 % of one core, 2 two cores' worth. `exec` starts its command in the
+# /sys/fs/cgroup/cpu) named tvmpipe-P-bK, with cpu.cfs_period_us 10000 and cpu.cfs_quota_us
+# SHARE x 10000: 0.4 is 40 % of one core, 2 two cores' worth. Periods of 10 ms (the kernel's
+# default is 100 ms) make a board compute at its share's pace on the time scale of a stage, as a
+# slower CPU would, instead of at full speed until its share is spent and then not at all. `exec` starts its command in the
 # board's cgroup, so a worker and the session processes it forks all share the board's quota.
 # `cpu BOARD` creates the cgroup if needed and moves the board's running processes into it.
 # `down` ends every process in the set's namespaces and cgroups, then removes the cgroups.
@@ -53,7 +55,7 @@ LATENCY="50ms"
 RATE=""
 CPU=""
 CGROUP_CPU="${TVMPIPE_CGROUP_CPU:-/sys/fs/cgroup/cpu}"
-CFS_PERIOD_US=100000
+CFS_PERIOD_US=10000
 
 die() {
     echo "boards.sh: $*" >&2
@@ -113,7 +115,7 @@ quota_of() {
         die "CPU share '$share' must be a number of cores like 1.0 or 0.4, or none"
     local quota
     quota="$(awk -v s="$share" -v p="$CFS_PERIOD_US" 'BEGIN { printf "%d", s * p + 0.5 }')"
-    ((quota >= 1000)) || die "CPU share '$share' is below the kernel's minimum of 0.01"
+    ((quota >= 1000)) || die "CPU share '$share' is below the minimum of 0.1 (a 1 ms quota per 10 ms period)"
     echo "$quota"
 }
 

@@ -41,6 +41,11 @@ def test_a_plan_measured_on_local_workers_runs_as_planned(tmp_path: Path) -> Non
     assert plan.measured["cached"] == {"local": False}
     assert len(plan.solution.stages) == 2 and len(plan.cuts) == 1
     assert all(s.compute_s > 0 for s in plan.solution.stages)
+    whole = plan.measured["stage_full_speed"]  # each planned stage built whole, timed there
+    assert len(whole) == 2 and all(t > 0 for t in whole)
+    assert plan.stage_times_s() == whole
+    for stage, t in zip(plan.solution.stages, whole, strict=True):
+        assert 0.3 < t / stage.compute_s < 3, (whole, plan.solution.describe())
     assert list((tmp_path / "cache").glob("*.json")), "nothing was cached"
     started = time.monotonic()
     again = plan_pipeline(mod, max_stages=2, segments=8, cache=tmp_path / "cache")

@@ -119,3 +119,38 @@ def test_the_quota_model_runs_a_stage_at_full_speed_within_its_share_and_at_its_
     near = quota_service_s(0.040, 0.085, 0.5, 0.1)
     assert 0.041 < near < 0.080
     assert quota_service_s(0.040, 0.010, 2.0, 0.1) == 0.040  # a whole core or more: no limit
+
+
+def test_the_stage_that_sets_the_pace_is_predicted_back_to_back_at_its_share() -> None:
+    """Measured on simulated boards: a 46 ms stage on half a core was predicted at 67 ms when
+    inputs were taken to arrive once per bottleneck interval, and ran at 94 ms: it is the
+    bottleneck, so its next input is always waiting and it runs at its share's pace."""
+    mod = _chain(6)
+    plan = _plan(mod, [2, 3, 5], {"big": [1.0] * 4, "little": [1.0] * 4})
+    stages = plan.solution.stages
+    little = next(k for k, s in enumerate(stages) if s.device.kind == "little")
+    full = {"big": [0.001] * 4, "little": [0.0] * 4}
+    full["little"][stages[little].first] = 0.046
+    plan.measured.update(full_speed=full, quota={"big": None, "little": (0.5, 0.1)})
+    plan.measured["stage_full_speed"] = [0.046 if k == little else 0.010 for k in range(2)]
+    times = plan.stage_times_s()
+    assert times[little] == pytest.approx(0.092, rel=0.05)
+    assert plan.predicted_rate() == pytest.approx(1 / 0.092, rel=0.01)
+
+
+def test_stages_timed_whole_replace_the_sum_of_their_pieces() -> None:
+    """A whole stage is not the sum of its separately compiled pieces; once the planned stages
+    are timed as built, their times are what the plan predicts."""
+    mod = _chain(6)
+    plan = _plan(mod, [2, 3, 5], LOPSIDED)
+    assert plan.stage_times_s() == pytest.approx([3.0, 2.0])  # the pieces' sums
+    plan.measured["stage_full_speed"] = [3.3, 2.1]
+    assert plan.stage_times_s() == pytest.approx([3.3, 2.1])
+    assert plan.predicted_rate() == pytest.approx(1 / 3.3)
+    # on a quota board the whole stage's full-speed time is what its share paces
+    plan.measured.update(
+        full_speed={"big": [1.0, 1.0, 1.0, 0.5], "little": [1.0, 1.0, 1.0, 0.5]},
+        quota={"big": None, "little": (0.25, 0.1)},
+    )
+    plan.measured["stage_full_speed"] = [3.0, 0.6]
+    assert plan.stage_times_s()[1] == pytest.approx(0.6 / 0.25, rel=0.05)
