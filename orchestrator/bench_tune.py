@@ -24,7 +24,14 @@ from tvm import relax
 
 from .bench_common import Row, Settings, alternate, in_fresh_thread
 from .models import _light_dir, _onnx, _randomize_weights, example_input
-from .tune import SHIPPED_DATABASE, apply_database, database_for_host, host_target, read_kind
+from .tune import (
+    SHIPPED_DATABASE,
+    apply_database,
+    budget_text,
+    database_for_host,
+    host_target,
+    read_kind,
+)
 
 NAME = "7 tuned vs onnxruntime"
 MODEL = "light_squeezenet"
@@ -136,11 +143,11 @@ def run(settings: Settings) -> list[Row]:
             Row(NAME, f"{MODEL} tuned: skipped", "ms", float("nan"), base, why_untuned, False)
         )
         return rows
-    trials = read_kind(tuned_dir).get("trials_per_workload", "?")
+    budget = budget_text(read_kind(tuned_dir))
     rows.append(
         Row(
             NAME,
-            f"{MODEL} tuned ({trials} trials/workload), 1 thread",
+            f"{MODEL} tuned ({budget}), 1 thread",
             "ms",
             medians["tuned"],
             base,

@@ -209,6 +209,11 @@ def tune_parser() -> argparse.ArgumentParser:
     parser.add_argument("--database", required=True, help="the database directory (made if new)")
     parser.add_argument("--trials", type=int, default=64, help="trials per workload (64)")
     parser.add_argument(
+        "--top",
+        type=int,
+        help="only the N workloads that take the most time (after a first pass over all)",
+    )
+    parser.add_argument(
         "--target",
         default="llvm",
         help="the workers' target: a string, JSON, or 'host' (llvm for this machine's CPU)",
@@ -285,6 +290,7 @@ def _tune(rest: Sequence[str]) -> int:
                 key=args.key,
                 tracker=tracker,
                 servers=[args.server] * stages if args.server else None,
+                top=args.top,
             )
     except (TvmpipeError, OSError, ValueError) as exc:
         print(f"{PROG} tune: {' '.join(str(exc).split())}", file=sys.stderr)

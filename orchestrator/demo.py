@@ -42,7 +42,14 @@ from .localcluster import LocalCluster
 from .models import example_input, load_onnx_model
 from .plan import plan_pipeline
 from .split import split_module
-from .tune import SHIPPED_DATABASE, apply_database, database_for_host, host_target, read_kind
+from .tune import (
+    SHIPPED_DATABASE,
+    apply_database,
+    budget_text,
+    database_for_host,
+    host_target,
+    read_kind,
+)
 
 KEY = "demo"
 RTOL, ATOL = 1e-5, 1e-6
@@ -366,8 +373,7 @@ def _tuning(spec: str) -> tuple[Any, str | None, Any]:
     if tuned is None:
         print(f"{why}: building untuned (tvmpipe tune makes one for this machine)")
         return "llvm", None, None
-    trials = read_kind(tuned).get("trials_per_workload", "?")
-    print(f"building with tuned schedules: {tuned} ({trials} trials per workload, make tune)")
+    print(f"building with tuned schedules: {tuned} ({budget_text(read_kind(tuned))}, make tune)")
     return host_target(), spec, tuned
 
 

@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -59,6 +60,7 @@ __all__ = [
     "database_for_host",
     "database_digest",
     "find_database",
+    "budget_text",
     "host_target",
     "kind_id",
     "read_kind",
@@ -208,8 +210,14 @@ def tune_pipeline(
     servers: Sequence[str] | None = None,
     progress: bool | None = None,
     seed: int = 0,
+    top: int | None = None,
 ) -> list[TaskResult]:
     """Tune every workload of every stage to ``trials`` trials in its kind's database.
+
+    ``top``: only the ``top`` workloads of each kind that take the most time (the best time
+    known so far, times how often the stages call it; a workload not measured yet comes
+    first), so that a larger budget goes where the time is: tune everything to a few trials,
+    then the heaviest to many.
 
     ``pipeline``: a PipelineModuleConfig (each Relax stage's target, device and rpc_key give its
     kind; Python stages are skipped) or one module (``target``, ``device``, ``key``).
@@ -218,6 +226,8 @@ def tune_pipeline(
     """
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"trials must be a positive int (per workload), got {trials!r}")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        raise ConfigError(f"top must be a positive int (workloads per kind), got {top!r}")
     if tracker is not None and servers is not None:
         raise ConfigError("give servers or tracker, not both")
     root = _root(database, create=True)
@@ -234,7 +244,7 @@ def tune_pipeline(
     results: list[TaskResult] = []
     with _meta_schedule_logs(root):
         for name, members in kinds.items():
-            results += _tune_kind(root / name, members, trials, tracker, progress, seed)
+            results += _tune_kind(root / name, members, trials, tracker, progress, seed, top)
     return results
 
 
@@ -245,12 +255,14 @@ def _tune_kind(
     tracker: tuple[str, int] | None,
     progress: bool | None,
     seed: int,
+    top: int | None = None,
 ) -> list[TaskResult]:
-    """Every distinct workload of one kind's stages, to ``trials`` records in its database."""
+    """Every distinct workload of one kind's stages (or its ``top`` heaviest), to ``trials``
+    records in its database."""
     _, target, device, key, server = members[0]
     directory.mkdir(exist_ok=True)
-    _write_kind(directory, target, device, key, _where(tracker, key, server), trials)
-    contexts = _contexts([m for m, *_ in members], target, directory, seed, trials)
+    _write_kind(directory, target, device, key, _where(tracker, key, server), trials, top)
+    contexts, weights = _contexts([m for m, *_ in members], target, directory, seed, trials)
     database = ms.database.JSONDatabase(work_dir=str(directory))
     done: dict[int, int] = {}
     for record in database.get_all_tuning_records():
@@ -264,7 +276,7 @@ def _tune_kind(
         )
         for c, n in zip(contexts, before, strict=True)
     ]
-    todo = [i for i, n in enumerate(before) if n < trials]
+    todo = [i for i in _heaviest(results, weights, top) if before[i] < trials]
     if not todo:
         return results
     total = sum(trials - before[i] for i in todo)
@@ -352,8 +364,10 @@ def _write_kind(
     key: str,
     where: dict[str, Any],
     trials: int,
+    top: int | None = None,
 ) -> None:
-    """What the kind is, where it was measured, and the largest budget asked of it so far."""
+    """What the kind is, where it was measured, and the largest budgets asked of it so far:
+    per workload, and for its heaviest workloads (``top``)."""
     old = read_kind(directory) if (directory / KIND_FILE).is_file() else {}
     data = {
         "target": _target_json(target),
@@ -361,9 +375,25 @@ def _write_kind(
         "key": key,
         "measured_on": where,
         "tvm": tvm_version(),
-        "trials_per_workload": max(trials, int(old.get("trials_per_workload", 0))),
+        "trials_per_workload": int(old.get("trials_per_workload", 0)),
     }
+    heaviest = old.get("heaviest")
+    if top is None:
+        data["trials_per_workload"] = max(trials, data["trials_per_workload"])
+    elif heaviest is None or (trials, top) > (heaviest["trials"], heaviest["workloads"]):
+        heaviest = {"workloads": top, "trials": trials}
+    if heaviest is not None:
+        data["heaviest"] = heaviest
     (directory / KIND_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def budget_text(kind: dict[str, Any]) -> str:
+    """A kind's tuning budget in words, from its kind.json (``read_kind``)."""
+    text = f"{kind.get('trials_per_workload', '?')} trials per workload"
+    heaviest = kind.get("heaviest")
+    if heaviest:
+        text += f", {heaviest['trials']} for the {heaviest['workloads']} heaviest"
+    return text
 
 
 def _tuning_target(target: tvm.target.Target) -> tvm.target.Target:
@@ -408,10 +438,24 @@ def _register_intrinsics(target: tvm.target.Target) -> None:
         importlib.import_module(f"{INTRINSICS_PACKAGE}.{name}")
 
 
+def _heaviest(results: list[TaskResult], weights: list[float], top: int | None) -> list[int]:
+    """Indices of the ``top`` workloads that take the most time (all when ``top`` is None):
+    best time times weight, unmeasured ones first; in their original order."""
+    if top is None or top >= len(results):
+        return list(range(len(results)))
+
+    def cost(i: int) -> float:
+        best = results[i].best_s
+        return math.inf if best is None else best * weights[i]
+
+    return sorted(sorted(range(len(results)), key=cost, reverse=True)[:top])
+
+
 def _contexts(
     modules: list[tvm.IRModule], target: tvm.target.Target, directory: Path, seed: int, trials: int
-) -> list[ms.TuneContext]:
-    """One tune context per distinct workload of the modules (first appearance kept).
+) -> tuple[list[ms.TuneContext], list[float]]:
+    """One tune context per distinct workload of the modules (first appearance kept), and
+    how many times the modules call each.
 
     The evolutionary search keeps its default population (512) from 32 trials up; a smaller
     budget gets a smaller one, which would only cost time to evolve.
@@ -420,15 +464,18 @@ def _contexts(
     _register_intrinsics(tuning_target)
     population = max(64, min(512, 16 * trials))
     seen: dict[int, ms.TuneContext] = {}
+    weights: dict[int, float] = {}
     for mod in modules:
         tasks = ms.relax_integration.extract_tasks(_prepare(mod, target), tuning_target)
         strategy = ms.search_strategy.EvolutionarySearch(population_size=population)
-        contexts, _ = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        contexts, task_weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             tasks, str(directory), strategy=strategy, num_threads=1, seed=seed
         )
-        for context in contexts:
-            seen.setdefault(_workload_hash(context.mod), context)
-    return list(seen.values())
+        for context, weight in zip(contexts, task_weights, strict=True):
+            key = _workload_hash(context.mod)
+            seen.setdefault(key, context)
+            weights[key] = weights.get(key, 0.0) + float(weight)
+    return list(seen.values()), [weights[k] for k in seen]
 
 
 def _workload_hash(mod: tvm.IRModule) -> int:

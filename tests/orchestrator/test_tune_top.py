@@ -1,0 +1,71 @@
+"""Tuning where the time is: ``top`` gives a larger budget to the heaviest workloads only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import leaks  # tests/leaks.py (pytest puts tests/ on the path)
+import numpy as np
+import pytest
+import tvm
+from tvm import relax
+
+from tvmpipe.orchestrator.tune import (
+    TaskResult,
+    _heaviest,
+    budget_text,
+    read_kind,
+    tune_pipeline,
+)
+from tvmpipe.proto.errors import ConfigError
+
+pytestmark = pytest.mark.timeout(180)
+
+TARGET = {"kind": "llvm"}
+
+
+def two_matmuls() -> tvm.IRModule:
+    """A light workload (8x16 @ 16x16) and, after it, a heavy one (256x256 @ 256x256)."""
+    rng = np.random.default_rng(0)
+    x = relax.Var("x", relax.TensorType((8, 16), "float32"))
+    y = relax.Var("y", relax.TensorType((256, 256), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x, y]):
+        with bb.dataflow():
+            small = bb.emit(relax.op.matmul(x, relax.const(rng.random((16, 16), "float32"))))
+            big = bb.emit(relax.op.matmul(y, relax.const(rng.random((256, 256), "float32"))))
+            out = bb.emit_output(relax.Tuple([small, big]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_the_heaviest_are_chosen_by_time_times_calls_and_unmeasured_first() -> None:
+    def result(best: float | None) -> TaskResult:
+        return TaskResult("k", "w", "0", 1, 0, best)
+
+    results = [result(1e-3), result(5e-3), result(None), result(2e-3)]
+    weights = [4.0, 1.0, 1.0, 1.0]  # the first is called 4 times: 4 ms in all
+    assert _heaviest(results, weights, None) == [0, 1, 2, 3]
+    assert _heaviest(results, weights, 2) == [1, 2]  # unmeasured first, then 5 ms
+    assert _heaviest(results, weights, 3) == [0, 1, 2]  # in their original order
+    assert _heaviest(results, weights, 10) == [0, 1, 2, 3]
+
+
+def test_a_second_pass_tunes_only_the_heaviest(tmp_path: Path) -> None:
+    mod, database = two_matmuls(), tmp_path / "db"
+    with leaks.checked():
+        first = tune_pipeline(mod, database, trials=1, target=TARGET, progress=False)
+        second = tune_pipeline(mod, database, trials=2, target=TARGET, progress=False, top=1)
+    assert len(first) == len(second) == 2
+    assert all(r.trials_run == 1 and r.best_s for r in first)
+    heavy = max(range(2), key=lambda i: first[i].best_s or 0.0)
+    assert [r.trials_run for r in second] == [1 if i == heavy else 0 for i in range(2)]
+    kind = read_kind(next(p for p in database.iterdir() if p.is_dir()))
+    assert kind["trials_per_workload"] == 1
+    assert kind["heaviest"] == {"workloads": 1, "trials": 2}
+    assert budget_text(kind) == "1 trials per workload, 2 for the 1 heaviest"
+
+
+def test_top_must_be_a_positive_count(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="top must be a positive int"):
+        tune_pipeline(two_matmuls(), tmp_path / "db", trials=1, target=TARGET, top=0)
