@@ -4,7 +4,9 @@ Both sides stream the same tensors client -> process A -> process B -> client ov
 TCP: tvmpipe through two identity Python stages on two ``tvmpipe-worker``\\ s, driven by a
 PipelineModule; the baseline through two plain pyzmq forwarder processes (bench_forward.py),
 driven by bare PUSH/PULL sockets in this process. Throughput is a stream of tensors with the
-same number in flight on both sides. Latency is one tensor at a time: the full round trip
+same number in flight on both sides; at 1 MiB the CPU time (user and system, every thread) that
+the two forwarding processes spend per tensor is compared as well: raw pyzmq's is the floor that
+this machine's kernel and ZeroMQ set for a hop. Latency is one tensor at a time: the full round trip
 (three hops) on both sides, and one stage-to-stage hop alone, which is the round trip through
 A and B less the round trip through A alone (the client's part cancels out on both sides).
 The tvmpipe side lends its tensors (``copy=False``) as the raw side does: by default the client
@@ -26,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import psutil
 import zmq
 
 from tvmpipe.proto.transport import local_endpoint
@@ -43,6 +46,7 @@ WINDOW = 8  # tensors in flight, both sides
 SIZES = (("4 KiB", 4 << 10), ("1 MiB", 1 << 20), ("16 MiB", 16 << 20))
 STREAM = {"4 KiB": (2000, 200), "1 MiB": (300, 40), "16 MiB": (30, 8)}  # full, quick
 ROUND_TRIPS = (200, 40)
+CPU_SIZE = 1 << 20  # the size whose CPU per hop is compared
 THROUGHPUT_TARGET = 0.8
 LATENCY_TARGET = 1.5
 NAME = "1 data plane"
@@ -111,6 +115,9 @@ class RawChain:
         np.frombuffer(frames[1].buffer, dtype=array.dtype)
         return time.perf_counter() - start
 
+    def pids(self) -> list[int]:
+        return [proc.pid for proc in self._procs]
+
     def close(self) -> None:
         self.push.close(linger=0)
         self.pull.close(linger=0)
@@ -159,30 +166,63 @@ def pipe_round_trip(pipe: PipelineModule, array: np.ndarray) -> float:
 
 def throughput_row(
     label: str, size: int, pipe: PipelineModule, raw: RawChain, settings: Settings
-) -> Row:
+) -> list[Row]:
+    """Throughput at one size; at 1 MiB also each side's CPU per forwarding process and tensor."""
     array = np.arange(size // 4, dtype=np.float32)
     count = settings.count(*STREAM[label])
     pipe_stream(pipe, array, 2 * WINDOW)  # warm-up
     raw.stream(array, 2 * WINDOW)
+    stages = [s["pid"] for s in pipe.stats()["stages"].values()]
+    cpu: dict[str, list[float]] = {"tvmpipe": [], "baseline": []}
+
+    def timed(side: str, pids: list[int], stream: Callable[[], float]) -> float:
+        before = cpu_s(pids)
+        seconds = stream()
+        cpu[side].append((cpu_s(pids) - before) / len(pids) / count * 1e3)
+        return size * count / seconds / 1e6
+
     medians, samples = alternate(
         settings.reps,
         {
-            "tvmpipe": lambda: size * count / pipe_stream(pipe, array, count) / 1e6,
-            "baseline": lambda: size * count / raw.stream(array, count) / 1e6,
+            "tvmpipe": lambda: timed("tvmpipe", stages, lambda: pipe_stream(pipe, array, count)),
+            "baseline": lambda: timed("baseline", raw.pids(), lambda: raw.stream(array, count)),
         },
     )
     per_s = {k: v * 1e6 / size for k, v in medians.items()}
-    return Row(
-        NAME,
-        f"throughput {label}, {WINDOW} in flight",
-        "MB/s",
-        medians["tvmpipe"],
-        medians["baseline"],
-        RAW,
-        target=THROUGHPUT_TARGET if size >= (1 << 20) else None,
-        samples=samples,
-        note=f"{per_s['tvmpipe']:.0f} vs {per_s['baseline']:.0f} tensors/s",
-    )
+    rows = [
+        Row(
+            NAME,
+            f"throughput {label}, {WINDOW} in flight",
+            "MB/s",
+            medians["tvmpipe"],
+            medians["baseline"],
+            RAW,
+            target=THROUGHPUT_TARGET if size >= (1 << 20) else None,
+            samples=samples,
+            note=f"{per_s['tvmpipe']:.0f} vs {per_s['baseline']:.0f} tensors/s",
+        )
+    ]
+    if size == CPU_SIZE:
+        rows.append(
+            Row(
+                NAME,
+                f"CPU per forwarding process per {label} tensor (user + system)",
+                "ms",
+                median(cpu["tvmpipe"]),
+                median(cpu["baseline"]),
+                f"{RAW} forwarder",
+                higher_is_better=False,
+                samples=cpu,
+                note="every thread of each of the two processes (psutil), over the stream: "
+                "raw pyzmq's is this machine's floor for a hop",
+            )
+        )
+    return rows
+
+
+def cpu_s(pids: list[int]) -> float:
+    """User and system CPU seconds of these processes, every thread."""
+    return sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
 
 
 def latency_rows(
@@ -250,7 +290,7 @@ def run(settings: Settings) -> list[Row]:
         with PipelineModule(libs[0], window=WINDOW) as two, PipelineModule(libs[1]) as one:
             time.sleep(SETTLE_S)
             for label, size in SIZES:
-                rows.append(throughput_row(label, size, two, raws[0], settings))
+                rows.extend(throughput_row(label, size, two, raws[0], settings))
             rows.extend(latency_rows((two, one), (raws[0], raws[1]), settings))
     finally:
         for raw in raws:
