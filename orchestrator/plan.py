@@ -206,11 +206,13 @@ def quota_service_s(
 ) -> float:
     """Mean time from an input's start to its end on a worker whose cgroup grants ``cores``
     CPU-seconds per second in periods of ``period_s`` (Linux's CFS bandwidth control), each
-    input needing ``cpu_s`` and arriving every ``interval_s``.
+    input needing ``cpu_s`` and arriving every ``interval_s`` (0: always one waiting).
 
     Simulated, period by period, over four phases of the arrivals against the periods: a stage
     well within its share runs at full speed, one that needs more than its share runs at the
     share's pace, and one close to it is throttled in the periods where two inputs meet.
+    Periods are counted, not worked out from the time (which rounding would stall on), and the
+    whole periods an input is throttled through are taken at once.
     """
     if cores >= 1 or cpu_s <= 0:
         return cpu_s
@@ -220,16 +222,19 @@ def quota_service_s(
         free_at, period, budget, total = 0.0, -1, 0.0, 0.0
         for k in range(inputs):
             start = max(phase * period_s + k * interval_s, free_at)
+            arrived = math.floor(start / period_s)
+            if arrived > period:  # a period of its own: a full share
+                period, budget = arrived, share
             now, left = start, cpu_s
-            while left > 1e-12:
-                current = math.floor(now / period_s + 1e-12)
-                if current != period:
-                    period, budget = current, share
-                if budget <= 1e-12:
-                    now = (current + 1) * period_s
-                    continue
-                run = min(left, budget, (current + 1) * period_s - now)
+            while True:
+                run = max(0.0, min(left, budget, (period + 1) * period_s - now))
                 now, left, budget = now + run, left - run, budget - run
+                if left <= 1e-12:
+                    break
+                period, budget = period + 1, share  # throttled, or the period ended
+                whole = math.ceil(left / share) - 1  # periods spent throttled before the last
+                period, left = period + whole, left - whole * share
+                now = period * period_s
             free_at = now
             if k >= inputs // 10:  # after the first ones: the steady state
                 total += now - start

@@ -154,3 +154,16 @@ def test_stages_timed_whole_replace_the_sum_of_their_pieces() -> None:
     )
     plan.measured["stage_full_speed"] = [3.0, 0.6]
     assert plan.stage_times_s()[1] == pytest.approx(0.6 / 0.25, rel=0.05)
+
+
+def test_the_quota_model_handles_short_periods_and_long_stages_at_once() -> None:
+    """A ResNet-50 stage of seconds on a board with 10 ms periods: hundreds of periods per
+    input (working the period out from the time stalled on rounding), and the same paces."""
+    import time
+
+    started = time.perf_counter()
+    assert quota_service_s(2.0, 0.0, 0.3, 0.01) == pytest.approx(2.0 / 0.3, rel=0.01)
+    assert quota_service_s(2.0, 20.0, 0.3, 0.01) == pytest.approx(2.0 / 0.3, rel=0.01)
+    assert quota_service_s(0.001, 0.05, 0.3, 0.01) == pytest.approx(0.001)
+    assert quota_service_s(0.046, 0.0, 0.5, 0.01) == pytest.approx(0.092, rel=0.02)
+    assert time.perf_counter() - started < 5
