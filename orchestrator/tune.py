@@ -366,8 +366,8 @@ def _write_kind(
     trials: int,
     top: int | None = None,
 ) -> None:
-    """What the kind is, where it was measured, and the largest budgets asked of it so far:
-    per workload, and for its heaviest workloads (``top``)."""
+    """What the kind is, where it was measured, the largest budget per workload asked of it so
+    far, and the latest for its heaviest workloads (``top``)."""
     old = read_kind(directory) if (directory / KIND_FILE).is_file() else {}
     data = {
         "target": _target_json(target),
@@ -380,7 +380,7 @@ def _write_kind(
     heaviest = old.get("heaviest")
     if top is None:
         data["trials_per_workload"] = max(trials, data["trials_per_workload"])
-    elif heaviest is None or (trials, top) > (heaviest["trials"], heaviest["workloads"]):
+    else:  # the latest such pass: its workloads are the heaviest as of now
         heaviest = {"workloads": top, "trials": trials}
     if heaviest is not None:
         data["heaviest"] = heaviest
