@@ -345,11 +345,13 @@ class Stage:
         ``_recv_lock``); ``wake``: a socket whose message ends the wait early."""
         if len(self._pulls) == 1 and wake is None:  # no poller, and no poll when one waits
             sender, pull = next(iter(self._pulls.items()))
-            if not pull.get(zmq.EVENTS) & zmq.POLLIN:  # cheaper than a refused NOBLOCK receive
+            try:
+                frames = pull.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
                 self._queued_up = False
                 if not pull.poll(POLL_MS, zmq.POLLIN):
                     return None
-            frames = pull.recv_multipart(copy=False)
+                frames = pull.recv_multipart(copy=False)
         elif len(self._pulls) == 1:  # the receive thread: its one sender or a wake-up
             sender, pull = next(iter(self._pulls.items()))
             if self._ahead_poller is None:
@@ -487,8 +489,7 @@ class Stage:
                 self._check_outputs(result)
             except Exception as exc:
                 result = RemoteError.from_exception(self.name, exc)
-            if self._computing_now.is_set():
-                self._computing_now.clear()  # read ahead only while computing
+            self._computing_now.clear()  # read ahead only while computing
             del payload
             self._computing = None
             elapsed = time.perf_counter() - started
@@ -523,8 +524,6 @@ class Stage:
             self._recv_lock.release()
 
     def _take_ahead(self) -> tuple[int, int, Any] | None:
-        if not self._ahead:  # only the receive thread adds to it: nothing to wait for
-            return None
         with self._ahead_changed:
             if not self._ahead:
                 return None
