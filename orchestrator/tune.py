@@ -670,15 +670,24 @@ def _interrupt_flag() -> Iterator[Callable[[], bool]]:
 @contextlib.contextmanager
 def _meta_schedule_logs(root: Path) -> Iterator[None]:
     """MetaSchedule's tables go to each kind's logs/ directory and the console gets warnings
-    only; its log files under ``root`` are closed afterwards (it leaves them open)."""
+    only; its log files under ``root`` are closed afterwards (it leaves them open).
+
+    MetaSchedule configures its logger by the names of the handlers it already has, and fails
+    on one without a name (pytest's capture handlers end up there): those are set aside while
+    tuning and put back afterwards."""
     name = "tvm.s_tir.meta_schedule"
     logger = logging.getLogger(name)
     saved = logger.level
+    unnamed = [h for h in logger.handlers if h.get_name() is None]
+    for handler in unnamed:
+        logger.removeHandler(handler)
     logger.setLevel(logging.WARNING)
     try:
         yield
     finally:
         logger.setLevel(saved)
+        for handler in unnamed:
+            logger.addHandler(handler)
         names = [n for n in logging.Logger.manager.loggerDict if n.startswith(name)]
         for each in map(logging.getLogger, names):
             for handler in list(each.handlers):
