@@ -336,7 +336,7 @@ def _demo(args: argparse.Namespace) -> int:
     print("\n".join(stage_table(stats, predicted)))
     if predicted is not None:
         print(
-            "  (planned: each piece timed alone on one worker; in the pipeline the stages share "
+            "  (planned: each stage timed alone on one worker; in the pipeline the stages share "
             "this machine's cores)"
         )
     print()
