@@ -369,19 +369,20 @@ def _write_kind(
     """What the kind is, where it was measured, the largest budget per workload asked of it so
     far, and the latest for its heaviest workloads (``top``)."""
     old = read_kind(directory) if (directory / KIND_FILE).is_file() else {}
-    data = {
+    per_workload = int(old.get("trials_per_workload", 0))
+    heaviest = old.get("heaviest")
+    if top is None:
+        per_workload = max(trials, per_workload)
+    else:  # the latest such pass: its workloads are the heaviest as of now
+        heaviest = {"workloads": top, "trials": trials}
+    data: dict[str, Any] = {
         "target": _target_json(target),
         "device": device,
         "key": key,
         "measured_on": where,
         "tvm": tvm_version(),
-        "trials_per_workload": int(old.get("trials_per_workload", 0)),
+        "trials_per_workload": per_workload,
     }
-    heaviest = old.get("heaviest")
-    if top is None:
-        data["trials_per_workload"] = max(trials, data["trials_per_workload"])
-    else:  # the latest such pass: its workloads are the heaviest as of now
-        heaviest = {"workloads": top, "trials": trials}
     if heaviest is not None:
         data["heaviest"] = heaviest
     (directory / KIND_FILE).write_text(json.dumps(data, indent=2) + "\n")
