@@ -274,8 +274,10 @@ def measure_compute(
     min_repeat_ms: int = 20,
     progress: bool | None = None,
     quota: tuple[float, float] | None = None,
+    stages: Sequence[int] | None = None,
 ) -> list[float]:
-    """Median seconds of each stage of ``lib``, run on the worker behind ``session``.
+    """Median seconds of each stage of ``lib`` (or of those at ``stages``, in that order), run
+    on the worker behind ``session``; a stage left out is neither uploaded nor timed.
 
     ``session`` is an open tvm.rpc session (tvmpipe-worker or TVM's own RPC server); each
     artifact is uploaded and loaded there, its inputs are random tensors on the remote device,
@@ -291,7 +293,7 @@ def measure_compute(
             )
     rng = np.random.default_rng(0)
     times = []
-    for stage in lib.stages:
+    for stage in [lib.stages[i] for i in stages] if stages is not None else lib.stages:
         inputs = [_random_input(s, rng) for s in stage.inputs]
         try:
             times.append(
@@ -384,9 +386,11 @@ def profile_compute(
     database: str | os.PathLike[str] | None = None,
     rpc_key: str = "",
     quota: tuple[float, float] | None = None,
+    stages: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Seconds per segment of ``split_module(mod, cuts)``, built for ``target`` and timed on the
-    worker behind ``session`` (a worker of ``kind``), from ``cache`` when it has them.
+    worker behind ``session`` (a worker of ``kind``), from ``cache`` when it has them; only the
+    segments at ``stages`` (in that order) when given.
     ``database``: build with this tuning database (tune.py), for the kind of ``target``,
     ``device`` and ``rpc_key``; its digest is part of the cache key. ``quota``: the worker's
     CPU quota (cores, period): the times are then at full speed (``measure_compute``).
@@ -395,6 +399,8 @@ def profile_compute(
     and ``session`` is not touched.
     """
     extra: dict[str, Any] = {"device": device}
+    if stages is not None:
+        extra["stages"] = [int(i) for i in stages]
     if quota is not None and quota[0] < 1:
         extra["cpu_quota"] = list(quota)
     if database is not None:
@@ -414,7 +420,9 @@ def profile_compute(
     with tvm.transform.PassContext(opt_level=3):
         lib = build_pipeline(cfg, database=database)
     try:
-        times = measure_compute(lib, session, device, repeat, progress=progress, quota=quota)
+        times = measure_compute(
+            lib, session, device, repeat, progress=progress, quota=quota, stages=stages
+        )
     finally:
         lib.close()
     if cache is not None:

@@ -366,23 +366,27 @@ def plan_pipeline(
         )
         solution = solve(costs, devices, max_stages)
         cuts = cuts_from(boundaries, solution)
-        timed: dict[str, list[float]] = {}  # kind -> each planned stage, timed whole there
-        for stage in solution.stages:
-            name, kind = stage.device.name, stage.device.kind
-            if kind not in timed:
-                timed[kind] = profile_compute(
-                    mod,
-                    cuts,
-                    targets[kind],
-                    sessions[name].rpc,
-                    kind,
-                    device,
-                    cache=store,
-                    progress=progress,
-                    database=database,
-                    rpc_key=where[name].get("key", ""),
-                    quota=quotas[kind],
-                )["times"]
+        by_kind: dict[str, list[int]] = {}  # the planned stages each kind runs
+        for index, stage in enumerate(solution.stages):
+            by_kind.setdefault(stage.device.kind, []).append(index)
+        whole: dict[int, float] = {}  # each planned stage, timed whole on a worker of its kind
+        for kind, indices in by_kind.items():
+            name = solution.stages[indices[0]].device.name
+            measured = profile_compute(
+                mod,
+                cuts,
+                targets[kind],
+                sessions[name].rpc,
+                kind,
+                device,
+                cache=store,
+                progress=progress,
+                database=database,
+                rpc_key=where[name].get("key", ""),
+                quota=quotas[kind],
+                stages=indices,
+            )
+            whole.update(zip(indices, measured["times"], strict=True))
     finally:
         for session in sessions.values():
             session.close(stop=False)
@@ -402,7 +406,7 @@ def plan_pipeline(
             "full_speed": full_speed,
             "quota": quotas,
             "data_cpu": data_cpu,
-            "stage_full_speed": [timed[s.device.kind][k] for k, s in enumerate(solution.stages)],
+            "stage_full_speed": [whole[k] for k in range(len(solution.stages))],
         },
     )
 

@@ -173,6 +173,12 @@ def test_second_measure_comes_from_the_cache(
         mod, [1], "llvm", Untouchable(), "loopback", repeat=2, cache=MeasureCache(cache.directory)
     )
     assert again == {**first, "cached": True}
+    # Only some segments (a plan's stage on its own kind): those alone, cached apart.
+    only = profile_compute(
+        mod, [1], "llvm", sessions[0], "loopback", repeat=2, cache=cache, stages=[1]
+    )
+    assert not only["cached"] and len(only["times"]) == 1 and only["key"] != first["key"]
+    assert 0.3 < only["times"][0] / first["times"][1] < 3
     # Another worker kind, cut or module is measured anew.
     assert MeasureCache.key(mod, [1], "llvm", "board") != first["key"]
     assert MeasureCache.key(mod, [2], "llvm", "loopback") != first["key"]
