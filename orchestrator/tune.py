@@ -105,13 +105,21 @@ def database_for_host(
     with contextlib.suppress(ConfigError):
         return find_database(database, target), ""
     root = Path(database)
-    tuned = [read_kind(p) for p in sorted(root.glob(f"*/{KIND_FILE}"))] if root.is_dir() else []
+    kinds = sorted(root.glob(f"*/{KIND_FILE}")) if root.is_dir() else []
     what = "; ".join(
-        f"{tvm.target.Target(k['target'])} on {k['measured_on'].get('cpu_model', 'a board')}"
-        for k in tuned
+        f"{_describe(read_kind(p.parent)['target'])} "
+        f"({read_kind(p.parent)['measured_on'].get('cpu_model', 'a board')})"
+        for p in kinds
     )
-    here = f"{tvm.target.Target(target)} ({_cpu_model()})"
-    return None, f"the tuning database {root} is for {what or 'nothing'}, not this machine, {here}"
+    here = f"{_describe(_target_json(target))} ({_cpu_model()})"
+    return None, f"the tuning database {root} is for {what or 'nothing'}, not this machine: {here}"
+
+
+def _describe(target: dict[str, Any]) -> str:
+    """``llvm -mcpu=znver5``: the parts of a target that tell CPUs apart."""
+    parts = [str(target.get("kind", "?"))]
+    parts += [f"-{k}={target[k]}" for k in ("mtriple", "mcpu", "arch") if target.get(k)]
+    return " ".join(parts)
 
 
 def _target_json(target: Any) -> dict[str, Any]:

@@ -27,6 +27,7 @@ from tvmpipe.orchestrator.tune import (
     KIND_FILE,
     apply_database,
     database_digest,
+    database_for_host,
     find_database,
     kind_id,
     read_kind,
@@ -159,6 +160,22 @@ def test_bad_database_paths_are_refused(tuned: dict, tmp_path: Path) -> None:
     cfg[cfg.modules[0]].target = {"kind": "llvm", "mtriple": "aarch64-linux-gnu"}
     with pytest.raises(ConfigError, match="tune this kind first"):  # a kind never tuned
         build_pipeline(cfg, progress=False, database=tuned["database"])
+
+
+def test_a_database_for_another_cpu_is_named_not_used(
+    tuned: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The fixture's kind is plain ``llvm``, never this machine's CPU (``host_target()`` names
+    it): the demo and the bench say what the database is for and build untuned."""
+    from tvmpipe.orchestrator.demo import _tuning
+
+    found, why = database_for_host(tuned["database"])
+    assert found is None
+    assert "is for llvm " in why and "not this machine: llvm " in why and "-mcpu=" in why
+    assert _tuning(str(tuned["database"])) == ("llvm", None, None)
+    assert "building untuned" in capsys.readouterr().out
+    found, why = database_for_host(tuned["database"] / "nothing-here")
+    assert found is None and "is for nothing" in why
 
 
 def test_a_key_without_its_own_database_takes_the_keyless_one(tuned: dict) -> None:
