@@ -716,13 +716,15 @@ def _runner(
 
     workers = []
     if tracker is not None:
+        # Asked once here, so that a refusal fails now with its reason, not every trial.
+        _connect_tracker(tracker, key).close(stop=False)
         config = ms.runner.RPCConfig(
             tracker_host=tracker[0],
             tracker_port=tracker[1],
             tracker_key=key,
             session_timeout_sec=int(RUN_TIMEOUT_S),
         )
-        create = None
+        create = _tracker_session
     else:
         if server is None:
             workers = start_local_workers(1)
@@ -755,6 +757,29 @@ def _cleanup(session: Any, remote_path: str | None) -> None:
     if session is not None and remote_path:
         with contextlib.suppress(Exception):
             session.remove(remote_path)
+
+
+def _connect_tracker(tracker: tuple[str, int], key: str) -> Any:
+    """A worker of ``key`` from the tracker, as deploying asks for one: the tracker names it,
+    this process connects with the proof of the secret (TVM's own request offers none)."""
+    from .deploy import controller_secret, request_from_tracker
+    from .library import StageInfo
+
+    where = StageInfo(f"tuning on {key}", "relax", "", "", [], None)
+    secret = controller_secret()
+    session = request_from_tracker(where, tracker, key, RUN_TIMEOUT_S, secret)
+    if secret is not None:
+        try:  # the worker proves it holds the secret too: no impostor gets the candidates
+            session.handshake()
+        except BaseException:
+            session.close(stop=False)
+            raise
+    return session
+
+
+def _tracker_session(config: Any) -> Any:
+    """In MetaSchedule's runner process: a session with a worker of the tracker's key."""
+    return _connect_tracker((config.tracker_host, config.tracker_port), config.tracker_key).rpc
 
 
 def _connect_direct(config: Any) -> Any:

@@ -292,3 +292,40 @@ def test_a_rogue_plain_server_at_the_tracker_gets_no_stage_unless_relay_is_allow
         _run_three(pipe)
         assert pipe.stats()["stages"]["mod2"]["mode"] == "relay"
     _wait_free(net.tracker, "rogue")
+
+
+def test_tuning_through_the_tracker_proves_the_secret(
+    net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MetaSchedule's own tracker request offers no proof, so every trial would be refused:
+    tvmpipe tune asks the tracker as deploying does, and says at once when it has no secret."""
+    from modules import weighted_module
+
+    from tvmpipe.orchestrator.tune import kind_id, read_kind, tune_pipeline
+
+    target = {"kind": "llvm"}
+    with pytest.raises(SecretError, match="requires a secret"):
+        tune_pipeline(
+            weighted_module(),
+            tmp_path / "db",
+            trials=2,
+            target=target,
+            key="board",
+            tracker=net.tracker,
+            progress=False,
+        )
+    monkeypatch.setenv(ENV_SECRET_FILE, str(net.secret))
+    results = tune_pipeline(
+        weighted_module(),
+        tmp_path / "db",
+        trials=2,
+        target=target,
+        key="board",
+        tracker=net.tracker,
+        progress=False,
+    )
+    assert results and all(r.trials_run >= 1 and r.best_s is not None for r in results)
+    kind = read_kind(tmp_path / "db" / kind_id(target, "cpu", "board"))
+    assert kind["key"] == "board"
+    assert kind["measured_on"] == {"tracker": f"127.0.0.1:{net.tracker[1]}", "key": "board"}
+    _wait_free(net.tracker, "board")  # every trial's session ended
