@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,6 +40,7 @@ from .library import PipelineLibrary
 from .macs import balanced_cuts, binding_costs
 from .models import example_input, load_onnx_model
 from .split import split_module
+from .tune import apply_database, find_database
 
 NAME = "4 real network"
 MODEL = "light_squeezenet"
@@ -76,13 +79,16 @@ def unsplit_outputs(executable: Any, inputs: Sequence[dict[str, np.ndarray]]) ->
     return in_fresh_thread(work, threads=1)
 
 
-def build(mod: tvm.IRModule, cuts: list[int]) -> PipelineLibrary:
+def build(
+    mod: tvm.IRModule, cuts: list[int], target: Any = "llvm", database: Path | None = None
+) -> PipelineLibrary:
     cfg = split_module(mod, cuts)
     for module, core in zip(cfg.modules, CORES, strict=True):
         cfg[module].cpu_affinity = core
         cfg[module].num_threads = 1
+        cfg[module].target = target
     with tvm.transform.PassContext(opt_level=3):
-        return build_pipeline(cfg)
+        return build_pipeline(cfg, database=database)
 
 
 def stage_seconds(lib: PipelineLibrary, example: dict[str, np.ndarray]) -> list[float]:
@@ -125,22 +131,50 @@ def _numpy_list(value: Any) -> list[np.ndarray]:
     return [x for v in value for x in _numpy_list(v)]
 
 
-def run(settings: Settings) -> list[Row]:
-    mod = load_onnx_model(MODEL, seed=0)
+@dataclass
+class SplitRun:
+    """One split pipeline streamed against the unsplit model (and any other sides given)."""
+
+    medians: dict[str, float]
+    samples: dict[str, list[float]]
+    busy: dict[int, list[float]]  # threads -> cores the unsplit model kept busy, per repetition
+    balance: str  # where it was cut, and why
+    latency: Row | None
+
+
+def run_split(
+    mod: tvm.IRModule,
+    settings: Settings,
+    *,
+    target: Any = "llvm",
+    database: Path | None = None,
+    others: dict[str, Callable[[], float]] | None = None,
+    latency_what: str | None = None,
+    counts: tuple[int, int] = INPUTS,
+) -> SplitRun:
+    """``mod`` cut in two (multiply-adds, then rebalanced by the stages' times), built for
+    ``target`` (with the tuning ``database``), checked against the unsplit model, and streamed
+    in turns with the unsplit model on one and two threads and the ``others`` (inputs/s);
+    ``counts``: inputs per repetition, in a full run and a quick one."""
     costs = binding_costs(mod)
     first = balanced_cuts(costs, len(CORES))
-    lib = build(mod, first)
+    lib = build(mod, first, target, database)
     example = example_input(mod, seed=0)
     try:
         first_seconds = stage_seconds(lib, example)
     finally:
         lib.close()
     cuts = rebalanced_cuts(costs, first, first_seconds)
-    lib = build(mod, cuts)
+    lib = build(mod, cuts, target, database)
+    if database is None:
+        prepared = mod
+    else:
+        prepared = apply_database(mod, target, find_database(database, target))
     with tvm.transform.PassContext(opt_level=3):
-        executable = tvm.compile(mod, "llvm")
-    count = settings.count(*INPUTS)
+        executable = tvm.compile(prepared, tvm.target.Target(target))
+    count = settings.count(*counts)
     inputs = [example_input(mod, seed=i) for i in range(WINDOW + count)]
+    latency = None
     try:
         seconds = stage_seconds(lib, example)
         with PipelineModule(lib, window=WINDOW) as pipe:
@@ -148,7 +182,7 @@ def run(settings: Settings) -> list[Row]:
             outputs = [list(o) for o in pipe.map(inputs[:WINDOW], window=WINDOW)]
             bad = mismatches(outputs, unsplit_outputs(executable, inputs[:WINDOW]))
             if bad:
-                raise RuntimeError(f"the split {MODEL} differs from the unsplit model: {bad[0]}")
+                raise RuntimeError(f"the split model differs from the unsplit model: {bad[0]}")
             busy: dict[int, list[float]] = {1: [], 2: []}
 
             def unsplit(threads: int) -> float:
@@ -162,17 +196,25 @@ def run(settings: Settings) -> list[Row]:
                     "tvmpipe": lambda: stream_rate(pipe, inputs, WINDOW, WINDOW),
                     "one thread": lambda: unsplit(1),
                     "two threads": lambda: unsplit(2),
+                    **(others or {}),
                 },
             )
-            latency = latency_row(
-                f"{MODEL}, {len(CORES)} stages", pipe, lib, inputs, settings, LATENCY_REQUESTS
-            )
+            if latency_what is not None:
+                latency = latency_row(latency_what, pipe, lib, inputs, settings, LATENCY_REQUESTS)
     finally:
         lib.close()
-    what = f"{MODEL}, {len(CORES)} stages"
     took = " / ".join(f"{s * 1e3:.0f}" for s in seconds)
     first_took = " / ".join(f"{s * 1e3:.0f}" for s in first_seconds)
     balance = f"cut at {cuts} ({took} ms alone); by multiply-adds alone {first} ({first_took} ms)"
+    return SplitRun(medians, samples, busy, balance, latency)
+
+
+def run(settings: Settings) -> list[Row]:
+    mod = load_onnx_model(MODEL, seed=0)
+    what = f"{MODEL}, {len(CORES)} stages"
+    split = run_split(mod, settings, latency_what=what)
+    medians, samples, busy = split.medians, split.samples, split.busy
+    assert split.latency is not None
     return [
         Row(
             NAME,
@@ -183,7 +225,7 @@ def run(settings: Settings) -> list[Row]:
             "unsplit, 1 thread",
             target=TARGET,
             samples={k: samples[k] for k in ("tvmpipe", "one thread")},
-            note=f"each stage: its own core, 1 thread; {balance}",
+            note=f"each stage: its own core, 1 thread; {split.balance}",
         ),
         Row(
             NAME,
@@ -196,5 +238,5 @@ def run(settings: Settings) -> list[Row]:
             note=f"the unsplit model kept {median(busy[2]):.2f} cores busy with 2 threads, "
             f"{median(busy[1]):.2f} with 1",
         ),
-        latency,
+        split.latency,
     ]

@@ -6,7 +6,10 @@ told otherwise), the model built for this machine's CPU with the shipped tuning 
 tune``, its trial budget in the row), and onnxruntime with
 one intra-op and one inter-op thread as the reference. Each TVM side runs in a fresh thread
 with one TVM thread (bench_common.in_fresh_thread); the three alternate, repetition by
-repetition. ResNet-50 is left out: tuning it did not fit the shipped database's CPU budget.
+repetition. Then the tuned model cut in two and pipelined, a stage per core (comparison 4's
+pipeline, built with the database), against the tuned model unsplit and onnxruntime, each on one
+and on two threads. ResNet-50 is left out: tuning it did not fit the shipped database's CPU
+budget.
 onnxruntime is an optional extra (``pip install 'tvmpipe[bench]'``); without it, or on a
 machine the database was not tuned for, the rows say so.
 """
@@ -23,6 +26,7 @@ import tvm
 from tvm import relax
 
 from .bench_common import Row, Settings, alternate, in_fresh_thread
+from .bench_network import CORES, run_split
 from .models import _light_dir, _onnx, _randomize_weights, example_input
 from .tune import (
     SHIPPED_DATABASE,
@@ -39,6 +43,7 @@ TARGET = 1.5  # tuned ms / onnxruntime ms
 RUNS = (20, 3)  # timed runs per repetition: full, quick
 SKIP_ORT = "skipped: pip install tvmpipe[bench]"
 DEFAULT_TARGET = "llvm"
+PIPELINED_INPUTS = (200, 20)  # per repetition: full, quick
 
 
 def onnx_model(name: str, seed: int = 0) -> Any:
@@ -103,6 +108,81 @@ def ort_timer(
     return measure
 
 
+def ort_rate(model: Any, feed: dict[str, np.ndarray], threads: int, runs: int) -> float | None:
+    """Inputs per second of onnxruntime with ``threads`` intra-op threads; None without it."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    session.run(None, feed)
+    start = time.perf_counter()
+    for _ in range(runs):
+        session.run(None, feed)
+    return runs / (time.perf_counter() - start)
+
+
+def pipelined_rows(model: Any, mod: Any, tuned_dir: Any, settings: Settings) -> list[Row]:
+    """The tuned model cut in two, a stage per core (comparison 4's pipeline, tuned), against
+    the tuned model unsplit and onnxruntime on one and on two threads, in turns."""
+    feed = example_input(mod, seed=0)
+    runs = settings.count(*PIPELINED_INPUTS)
+    others: dict[str, Callable[[], float]] = {}
+    if ort_rate(model, feed, 1, 1) is not None:
+        others["ort 1"] = lambda: ort_rate(model, feed, 1, runs) or float("nan")
+        others["ort 2"] = lambda: ort_rate(model, feed, 2, runs) or float("nan")
+    split = run_split(
+        mod,
+        settings,
+        target=host_target(),
+        database=tuned_dir.parent,
+        others=others,
+        counts=PIPELINED_INPUTS,
+    )
+    what = f"{MODEL} tuned, {len(CORES)} stages pipelined: throughput"
+    medians, samples = split.medians, split.samples
+    rows = [
+        Row(
+            NAME,
+            what,
+            "inputs/s",
+            medians["tvmpipe"],
+            medians["one thread"],
+            "tuned unsplit, 1 thread",
+            samples={k: samples[k] for k in ("tvmpipe", "one thread")},
+            note=f"each stage: its own core, 1 thread; {split.balance}",
+        ),
+        Row(
+            NAME,
+            what,
+            "inputs/s",
+            medians["tvmpipe"],
+            medians["two threads"],
+            "tuned unsplit, 2 threads",
+            samples={k: samples[k] for k in ("tvmpipe", "two threads")},
+        ),
+    ]
+    for key, label in (("ort 1", "onnxruntime, 1 thread"), ("ort 2", "onnxruntime, 2 threads")):
+        base, side = (medians[key], samples[key]) if key in medians else (float("nan"), [])
+        rows.append(
+            Row(
+                NAME,
+                what,
+                "inputs/s",
+                medians["tvmpipe"],
+                base,
+                label if key in medians else SKIP_ORT,
+                samples={"tvmpipe": samples["tvmpipe"], key: side},
+            )
+        )
+    return rows
+
+
 def run(settings: Settings) -> list[Row]:
     model = onnx_model(MODEL)
     from tvm.relax.frontend.onnx import from_onnx
@@ -158,4 +238,4 @@ def run(settings: Settings) -> list[Row]:
             note=f"MetaSchedule database {tuned_dir.name}, made by make tune",
         )
     )
-    return rows
+    return rows + pipelined_rows(model, mod, tuned_dir, settings)
