@@ -48,6 +48,7 @@ from tvmpipe.proto.messages import (
     encode,
 )
 from tvmpipe.proto.security import Guard
+from tvmpipe.proto.shm import Inbox, Outbox, frames_bytes
 from tvmpipe.proto.transport import local_endpoint
 
 from .cluster import load_cluster, plan_from_arguments
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
 
 POLL_MS = 50
 HWM = 64
+RING_BYTES = 16 << 20  # the most a shared-memory ring to one stage holds
 LINGER_MS = 1000
 QUEUE_BYTES = 64 << 20  # what each stage may buffer, queues and sockets together
 MAX_RESTARTS = 10
@@ -169,6 +171,8 @@ class PipelineModule:
         self._stopping = threading.Event()
         self._context = zmq.Context()
         self._pushes: dict[str, zmq.Socket[Any]] = {}
+        self._outboxes: dict[str, Outbox] = {}  # shared-memory rings, to stages on this machine
+        self._inbox = Inbox()  # the output stages' rings, on this machine
         self._guard = Guard(self._context, self.wiring.share(CLIENT))
         self._pull = self._context.socket(zmq.PULL)
         self._pull.setsockopt(zmq.RCVHWM, HWM)
@@ -238,6 +242,11 @@ class PipelineModule:
             raise
 
     def _input_socket(self, stage: str, address: str) -> zmq.Socket[Any]:
+        old = self._outboxes.pop(stage, None)
+        if old is not None:
+            old.close()
+        if address.startswith("ipc://"):
+            self._outboxes[stage] = Outbox(RING_BYTES)
         push = self._context.socket(zmq.PUSH)
         push.setsockopt(zmq.SNDHWM, HWM)
         push.setsockopt(zmq.LINGER, LINGER_MS)
@@ -443,7 +452,10 @@ class PipelineModule:
         with self._send_lock:
             for push in self._pushes.values():
                 push.close(linger=0)
+            for outbox in self._outboxes.values():
+                outbox.close()
         self._pull.close(linger=0)
+        self._inbox.close()
         self._guard.close()
         self._context.term()
         if self._socket_dir is not None:
@@ -505,12 +517,16 @@ class PipelineModule:
         for stage, tensors in self.wiring.client_messages(inputs):
             frames = encode(Message.data(seq, CLIENT, tensors, epoch))
             push = self._pushes[stage]
+            outbox = self._outboxes.get(stage)
             try:  # the common case: room in the queue, no poll needed
-                push.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                push.send_multipart(
+                    outbox.wrap(frames) if outbox else frames, copy=False, flags=zmq.NOBLOCK
+                )
                 self._counters["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
                 continue
             except zmq.Again:
-                pass
+                if outbox:
+                    outbox.unsent()
             while not push.poll(POLL_MS, zmq.POLLOUT):
                 if self._closed or self._lost or self._paused:
                     return False  # a lost stage: recovery sends it again, or it failed
@@ -521,7 +537,7 @@ class PipelineModule:
                     )
                     self._deliver(seq, error)
                     raise error
-            push.send_multipart(frames, copy=False)
+            push.send_multipart(outbox.wrap(frames) if outbox else frames, copy=False)
             self._counters["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
         return True
 
@@ -597,8 +613,9 @@ class PipelineModule:
                 frames = self._pull.recv_multipart(copy=False)
             except zmq.Again:
                 continue
-            self._counters["bytes_in"] += sum(len(f.buffer) for f in frames)
             try:
+                frames = self._inbox.resolve(frames, copy=True)  # the caller keeps outputs
+                self._counters["bytes_in"] += frames_bytes(frames)
                 msg = decode(frames)
             except ProtocolError:
                 self._counters["dropped"] += 1

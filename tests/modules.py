@@ -240,6 +240,15 @@ def sleep_then_copy(data):  # type: ignore[no-untyped-def]
     return data.copy()
 
 
+_HOARD: list = []  # type: ignore[type-arg]
+
+
+def hoard_then_copy(data):  # type: ignore[no-untyped-def]
+    """Keeps every input it is given (as a careless user function might), returns a copy."""
+    _HOARD.append(data)
+    return data.copy()
+
+
 def none_on_marker(data):  # type: ignore[no-untyped-def]
     """``data * 2``, but returns None (a missing return) when the first element is FAIL_MARKER."""
     if float(data.flat[0]) == FAIL_MARKER:

@@ -64,6 +64,7 @@ from tvmpipe.proto.messages import (
     encode,
 )
 from tvmpipe.proto.security import Guard
+from tvmpipe.proto.shm import Inbox, Outbox, frames_bytes
 from tvmpipe.proto.transport import local_endpoint
 
 from .joins import JoinTable
@@ -173,6 +174,8 @@ class Stage:
         self._pulls: dict[str, zmq.Socket[Any]] = {}  # sender name -> its own data socket
         self._destinations: list[Destination] = []
         self._pushes: dict[str, zmq.Socket[Any]] = {}  # made by the send loop, on first use
+        self._outboxes: dict[str, Outbox] = {}  # shared-memory rings, to Unix-socket peers
+        self._inbox = Inbox()  # the rings of this stage's senders on this machine
         self._rewires: dict[str, tuple[str, threading.Event]] = {}  # name -> new address
         self._socket_bytes = QUEUE_BYTES // 4
         # outputs the compute thread could not send at once: seq, epoch, result, destinations
@@ -290,6 +293,9 @@ class Stage:
                 wake.close(linger=0)
         for push in self._pushes.values():
             push.close(linger=LINGER_MS)
+        for outbox in self._outboxes.values():
+            outbox.close()
+        self._inbox.close()
         self._guard.close()
         self._context.term()
         if self._own_dir is not None:
@@ -381,16 +387,17 @@ class Stage:
                 return None  # it came after the computation: the compute thread takes it
             sender = next(n for n in readable if self._pulls[n] in ready)
             frames = self._pulls[sender].recv_multipart(copy=False)
-        size = sum(len(f.buffer) for f in frames)
         try:
-            msg = decode(frames)
+            resolved = self._inbox.resolve(frames)
+            size = frames_bytes(resolved)
+            msg = decode(resolved)
             if msg.sender != sender:
                 raise ProtocolError(f"a message from {msg.sender!r} on {sender!r}'s socket")
         except ProtocolError:
             with self._lock:
                 self.stats.dropped += 1
             return None
-        del frames
+        del frames, resolved
         with self._lock:
             self.stats.bytes_in += size
             if msg.type is MsgType.STOP:
@@ -596,9 +603,12 @@ class Stage:
             return ()  # stale: every receiver drops it, and the input is on its way again
         for index, name in enumerate(names):
             frames, size = self._frames(seq, epoch, name, result)
+            push = self._socket(name, size)
+            frames = self._wrap(name, frames)
             try:
-                self._socket(name, size).send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                push.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
             except zmq.Again:
+                self._unsent(name)
                 return names[index:]
             with self._lock:
                 self.stats.bytes_out += size
@@ -656,23 +666,34 @@ class Stage:
 
     def _send(self, name: str, frames: list[Any], size: int) -> bool:
         """Send, waiting while the peer's queue is full; False once the stage is stopping."""
+        push = self._socket(name, size)
         try:  # the common case: room in the queue, no poll needed
-            self._socket(name, size).send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            push.send_multipart(self._wrap(name, frames), copy=False, flags=zmq.NOBLOCK)
             return True
         except zmq.Again:
-            pass
+            self._unsent(name)
         blocked = time.perf_counter()
         try:
             while not self._stopping.is_set():
                 self._apply_rewires()
                 push = self._socket(name, size)
                 if push.poll(POLL_MS, zmq.POLLOUT):
-                    push.send_multipart(frames, copy=False)
+                    push.send_multipart(self._wrap(name, frames), copy=False)
                     return True
             return False
         finally:
             with self._lock:
                 self.stats.send_blocked_s += time.perf_counter() - blocked
+
+    def _wrap(self, name: str, frames: list[Any]) -> list[Any]:
+        """The frames as they go to ``name``: tensors in a shared-memory slot where it can."""
+        outbox = self._outboxes.get(name)
+        return frames if outbox is None else outbox.wrap(frames)
+
+    def _unsent(self, name: str) -> None:
+        outbox = self._outboxes.get(name)
+        if outbox is not None:
+            outbox.unsent()
 
     def _socket(self, name: str, message_bytes: int) -> zmq.Socket[Any]:
         """The socket to ``name``; its high-water mark holds ``_socket_bytes`` of such messages."""
@@ -686,6 +707,8 @@ class Stage:
             self._guard.present(push, dest.name, dest.address)
             push.connect(dest.address)
             self._pushes[name] = push
+            if dest.address.startswith("ipc://"):
+                self._outboxes[name] = Outbox(per_dest // 2)
         return push
 
     def _apply_rewires(self) -> None:
@@ -699,6 +722,9 @@ class Stage:
             old = self._pushes.pop(name, None)
             if old is not None:
                 old.close(linger=0)
+            outbox = self._outboxes.pop(name, None)
+            if outbox is not None:
+                outbox.close()
             self._destinations = [
                 replace(d, address=address) if d.name == name else d for d in self._destinations
             ]

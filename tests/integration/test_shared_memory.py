@@ -1,0 +1,165 @@
+"""1 MiB tensors between processes on this machine go through shared-memory rings
+(proto/shm.py); these try to break that: kills at random moments with slots in use, a stage
+frozen with SIGSTOP while it holds slots, and a Python stage that never lets its inputs go.
+Every result must still arrive, right, once, in order.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from modules import binary_module, hoard_then_copy, sleep_then_copy, unary_module
+
+from tvmpipe.orchestrator import PipelineLibrary, PipelineModule, PipelineModuleConfig
+
+from .conftest import build
+
+pytestmark = pytest.mark.timeout(240)
+SHAPE = (256, 1024)  # float32: 1 MiB
+PACE_S = 0.002
+RESULT_WAIT_S = 30.0
+RING = "/memfd:tvmpipe-ring"
+
+
+def pipeline(first: object) -> PipelineLibrary:
+    """x -> ``first`` (Python) -> negative -> add y: the result is y - x, 1 MiB at every hop."""
+    negative = unary_module("negative", SHAPE)
+    add = binary_module("add", SHAPE)
+    cfg = PipelineModuleConfig()
+    cfg.inputs["x"] = (first, "data")
+    cfg.inputs["y"] = (add, "data_1")
+    cfg.connect(first, 0, negative, "data_0")
+    cfg.connect(negative, 0, add, "data_0")
+    cfg.outputs.append((add, 0))
+    return build(cfg)
+
+
+@pytest.fixture(scope="module")
+def paced() -> Iterator[PipelineLibrary]:
+    lib = pipeline(sleep_then_copy)
+    yield lib
+    lib.close()
+
+
+def input_sets(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    sets = []
+    for _ in range(count):
+        x = rng.standard_normal(SHAPE).astype("float32")
+        x[0, 0] = PACE_S  # the Python stage sleeps this long
+        sets.append({"x": x, "y": rng.standard_normal(SHAPE).astype("float32")})
+    return sets
+
+
+def maps_rings(pid: int | str) -> bool:
+    return RING in Path(f"/proc/{pid}/maps").read_text()
+
+
+def next_output(pipe: PipelineModule) -> list[np.ndarray]:
+    """The next result within RESULT_WAIT_S; get_output() answers at once while the producer
+    thread has not launched that input yet."""
+    deadline = time.monotonic() + RESULT_WAIT_S
+    while time.monotonic() < deadline:
+        out = pipe.get_output(timeout=0.5)
+        if out:
+            return out
+        time.sleep(0.001)
+    return []
+
+
+def stream(pipe: PipelineModule, sets: list[dict[str, np.ndarray]], meddle: object) -> None:
+    """Feed ``sets`` from a thread while ``meddle()`` runs in another; check every result."""
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            for inputs in sets:
+                for name, value in inputs.items():
+                    pipe.set_input(name, value)
+                pipe.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    def interfere() -> None:
+        try:
+            meddle()  # type: ignore[operator]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=produce), threading.Thread(target=interfere)]
+    for thread in threads:
+        thread.start()
+    try:
+        for i, inputs in enumerate(sets):
+            out = next_output(pipe)
+            assert out, f"no result for input {i} within {RESULT_WAIT_S} s"
+            np.testing.assert_allclose(out[0], inputs["y"] - inputs["x"], rtol=1e-6)
+        assert pipe.get_output() == []  # nothing extra, nothing duplicated
+    finally:
+        for thread in threads:
+            thread.join(RESULT_WAIT_S)
+    assert not errors, errors
+
+
+def test_results_come_through_rings_and_survive_kills_at_random_moments(
+    paced: PipelineLibrary,
+) -> None:
+    chooser = random.Random(11)
+    with PipelineModule(paced, restart=True, window=16) as pipe:
+
+        def kill() -> None:
+            for done in range(3):
+                time.sleep(chooser.uniform(0.2, 0.6))
+                session = chooser.choice(pipe._fleet.stage_sessions())
+                assert session.remote_pid is not None
+                os.kill(session.remote_pid, signal.SIGKILL)
+                deadline = time.monotonic() + RESULT_WAIT_S
+                while pipe.stats()["client"].get("restarts", 0) < done + 1:
+                    assert time.monotonic() < deadline, "no restart"
+                    time.sleep(0.05)
+
+        stream(pipe, input_sets(30, seed=1), lambda: None)
+        assert maps_rings("self")  # the last stage's ring: the client mapped it
+        stream(pipe, input_sets(300, seed=2), kill)
+        assert pipe.stats()["client"]["restarts"] == 3
+
+
+def test_a_stage_frozen_while_it_holds_slots(paced: PipelineLibrary) -> None:
+    """SIGSTOP the middle stage mid-stream: its sender's ring fills, the rest waits on the
+    socket's high-water mark; after SIGCONT everything arrives."""
+    with PipelineModule(paced, window=16) as pipe:
+        middle = next(
+            s
+            for s in pipe._fleet.stage_sessions()
+            if s.stage.kind == "relax" and len(s.stage.inputs) == 1  # negative
+        )
+        assert middle.remote_pid is not None
+
+        def freeze() -> None:
+            time.sleep(0.2)
+            os.kill(middle.remote_pid, signal.SIGSTOP)  # type: ignore[arg-type]
+            try:
+                time.sleep(1.0)
+            finally:
+                os.kill(middle.remote_pid, signal.SIGCONT)  # type: ignore[arg-type]
+
+        stream(pipe, input_sets(200, seed=3), freeze)
+        assert maps_rings(middle.remote_pid)
+
+
+def test_a_python_stage_that_keeps_every_input() -> None:
+    """Its sender's slots never come back: the sender goes on through the socket."""
+    lib = pipeline(hoard_then_copy)
+    try:
+        with PipelineModule(lib, window=8) as pipe:
+            stream(pipe, input_sets(40, seed=4), lambda: None)
+    finally:
+        lib.close()
