@@ -296,11 +296,11 @@ class PipelineModule:
             raise NothingToRunError(f"no complete input set is queued; missing: {', '.join(empty)}")
 
     def get_output(self, timeout: float | None = None) -> list[np.ndarray]:
-        """The next result in launch order; ``[]`` if it is not ready (after ``timeout`` s)."""
+        """The next result in launch order; ``[]`` if it is not ready (after ``timeout`` s).
+
+        With a timeout it waits even while nothing is launched: another thread may run()."""
         self._check_open()
         with self._cond:
-            if self._sequencer.waiting_for_run() is None:
-                return []
             if timeout and not self._sequencer.result_ready():
                 self._cond.wait_for(lambda: self._sequencer.result_ready() or self._closed, timeout)
                 self._check_open()

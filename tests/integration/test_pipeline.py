@@ -9,6 +9,7 @@ import re
 import selectors
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -276,11 +277,26 @@ def test_nine_rfc_steps(rfc_lib: PipelineLibrary) -> None:
         assert pipe.stats()["client"]["launched"] == 4
 
 
+def set_and_run(pipe: PipelineModule, seconds: float) -> None:
+    pipe.set_input("seconds", np.array([seconds], dtype="float32"))
+    pipe.run()
+
+
 def test_get_output_when_nothing_is_ready(slow_lib: PipelineLibrary) -> None:
     with PipelineModule(slow_lib) as pipe:
         started = time.monotonic()
         assert pipe.get_output() == []  # nothing launched
         assert time.monotonic() - started < 0.1
+        started = time.monotonic()
+        assert pipe.get_output(timeout=0.2) == []  # nothing launched: waits all the same
+        assert 0.18 <= time.monotonic() - started < 0.6
+        # Another thread launches while this one waits: its result, not [] at once.
+        producer = threading.Timer(0.1, lambda: set_and_run(pipe, 0.05))
+        producer.start()
+        try:
+            np.testing.assert_array_equal(pipe.get_output(timeout=WAIT_S)[0], np.float32([0.05]))
+        finally:
+            producer.join()
         pipe.set_input("seconds", np.array([1.0], dtype="float32"))
         pipe.run()
         started = time.monotonic()

@@ -63,18 +63,6 @@ def maps_rings(pid: int | str) -> bool:
     return RING in Path(f"/proc/{pid}/maps").read_text()
 
 
-def next_output(pipe: PipelineModule) -> list[np.ndarray]:
-    """The next result within RESULT_WAIT_S; get_output() answers at once while the producer
-    thread has not launched that input yet."""
-    deadline = time.monotonic() + RESULT_WAIT_S
-    while time.monotonic() < deadline:
-        out = pipe.get_output(timeout=0.5)
-        if out:
-            return out
-        time.sleep(0.001)
-    return []
-
-
 def stream(pipe: PipelineModule, sets: list[dict[str, np.ndarray]], meddle: object) -> None:
     """Feed ``sets`` from a thread while ``meddle()`` runs in another; check every result."""
     errors: list[BaseException] = []
@@ -99,7 +87,7 @@ def stream(pipe: PipelineModule, sets: list[dict[str, np.ndarray]], meddle: obje
         thread.start()
     try:
         for i, inputs in enumerate(sets):
-            out = next_output(pipe)
+            out = pipe.get_output(timeout=RESULT_WAIT_S)
             assert out, f"no result for input {i} within {RESULT_WAIT_S} s"
             np.testing.assert_allclose(out[0], inputs["y"] - inputs["x"], rtol=1e-6)
         assert pipe.get_output() == []  # nothing extra, nothing duplicated
