@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -304,8 +305,9 @@ def test_tuning_through_the_tracker_proves_the_secret(
     from tvmpipe.orchestrator.tune import kind_id, read_kind, tune_pipeline
 
     target = {"kind": "llvm"}
-    with pytest.raises(SecretError, match="requires a secret"):
-        tune_pipeline(
+
+    def tune() -> list[Any]:
+        return tune_pipeline(
             weighted_module(),
             tmp_path / "db",
             trials=2,
@@ -314,16 +316,11 @@ def test_tuning_through_the_tracker_proves_the_secret(
             tracker=net.tracker,
             progress=False,
         )
+
+    with pytest.raises(SecretError, match="requires a secret"):
+        tune()
     monkeypatch.setenv(ENV_SECRET_FILE, str(net.secret))
-    results = tune_pipeline(
-        weighted_module(),
-        tmp_path / "db",
-        trials=2,
-        target=target,
-        key="board",
-        tracker=net.tracker,
-        progress=False,
-    )
+    results = tune()
     assert results and all(r.trials_run >= 1 and r.best_s is not None for r in results)
     kind = read_kind(tmp_path / "db" / kind_id(target, "cpu", "board"))
     assert kind["key"] == "board"

@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import psutil
@@ -26,19 +27,22 @@ PACE_S = 0.002  # the Python stage sleeps this long per input, so the stream las
 RESTART_LIMIT_S = 30.0  # a stage deployed again, and its inputs sent again, within this
 
 
-def paced_pipeline(rpc_key: str = "") -> PipelineLibrary:
-    """x -> sleep (Python) -> negative (Relax) -> add y (Relax, joined with y from the client).
+def paced_pipeline(
+    rpc_key: str = "", shape: tuple[int, int] = (1, 4), first: Any = sleep_then_copy
+) -> PipelineLibrary:
+    """x -> ``first`` (Python; by default a sleep) -> negative (Relax) -> add y (Relax, joined
+    with y from the client).
 
     The result is y - x, and the first element of x is the Python stage's sleep in seconds."""
-    negative = unary_module("negative")
-    add = binary_module("add")
+    negative = unary_module("negative", shape)
+    add = binary_module("add", shape)
     cfg = PipelineModuleConfig()
-    cfg.inputs["x"] = (sleep_then_copy, "data")
+    cfg.inputs["x"] = (first, "data")
     cfg.inputs["y"] = (add, "data_1")
-    cfg.connect(sleep_then_copy, 0, negative, "data_0")
+    cfg.connect(first, 0, negative, "data_0")
     cfg.connect(negative, 0, add, "data_0")
     cfg.outputs.append((add, 0))
-    for module in (sleep_then_copy, negative, add):
+    for module in (first, negative, add):
         cfg[module].rpc_key = rpc_key
     return build(cfg)
 
@@ -58,13 +62,15 @@ def keyed_lib() -> Iterator[PipelineLibrary]:
     built.close()
 
 
-def input_sets(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+def input_sets(
+    count: int, seed: int, shape: tuple[int, int] = (1, 4)
+) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     sets = []
     for _ in range(count):
-        x = rng.standard_normal((1, 4)).astype("float32")
+        x = rng.standard_normal(shape).astype("float32")
         x[0, 0] = PACE_S
-        sets.append({"x": x, "y": rng.standard_normal((1, 4)).astype("float32")})
+        sets.append({"x": x, "y": rng.standard_normal(shape).astype("float32")})
     return sets
 
 

@@ -16,47 +16,28 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from modules import binary_module, hoard_then_copy, sleep_then_copy, unary_module
+from modules import hoard_then_copy
 
-from tvmpipe.orchestrator import PipelineLibrary, PipelineModule, PipelineModuleConfig
+from tvmpipe.orchestrator import PipelineLibrary, PipelineModule
 
-from .conftest import build
+from .test_recovery import input_sets as recovery_input_sets
+from .test_recovery import paced_pipeline
 
 pytestmark = pytest.mark.timeout(240)
 SHAPE = (256, 1024)  # float32: 1 MiB
-PACE_S = 0.002
 RESULT_WAIT_S = 30.0
 RING = "/memfd:tvmpipe-ring"
 
 
-def pipeline(first: object) -> PipelineLibrary:
-    """x -> ``first`` (Python) -> negative -> add y: the result is y - x, 1 MiB at every hop."""
-    negative = unary_module("negative", SHAPE)
-    add = binary_module("add", SHAPE)
-    cfg = PipelineModuleConfig()
-    cfg.inputs["x"] = (first, "data")
-    cfg.inputs["y"] = (add, "data_1")
-    cfg.connect(first, 0, negative, "data_0")
-    cfg.connect(negative, 0, add, "data_0")
-    cfg.outputs.append((add, 0))
-    return build(cfg)
-
-
 @pytest.fixture(scope="module")
 def paced() -> Iterator[PipelineLibrary]:
-    lib = pipeline(sleep_then_copy)
+    lib = paced_pipeline(shape=SHAPE)
     yield lib
     lib.close()
 
 
 def input_sets(count: int, seed: int) -> list[dict[str, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    sets = []
-    for _ in range(count):
-        x = rng.standard_normal(SHAPE).astype("float32")
-        x[0, 0] = PACE_S  # the Python stage sleeps this long
-        sets.append({"x": x, "y": rng.standard_normal(SHAPE).astype("float32")})
-    return sets
+    return recovery_input_sets(count, seed, SHAPE)  # x[0, 0]: the Python stage's sleep
 
 
 def maps_rings(pid: int | str) -> bool:
@@ -145,7 +126,7 @@ def test_a_stage_frozen_while_it_holds_slots(paced: PipelineLibrary) -> None:
 
 def test_a_python_stage_that_keeps_every_input() -> None:
     """Its sender's slots never come back: the sender goes on through the socket."""
-    lib = pipeline(hoard_then_copy)
+    lib = paced_pipeline(shape=SHAPE, first=hoard_then_copy)
     try:
         with PipelineModule(lib, window=8) as pipe:
             stream(pipe, input_sets(40, seed=4), lambda: None)
