@@ -5,14 +5,17 @@ loopback), deployed three times: ``security="off"``, the default (``"auto"``: ev
 authenticated when it connects, PLAIN on loopback) and ``"encrypt"`` (CURVE on every socket,
 the default on a network). Throughput streams 64 KiB and 1 MiB tensors with 8 in flight; the
 latency of one hop A>B is the round trip through A and B less the one through A alone, as in
-comparison 1. All sides alternate within each repetition.
+comparison 1. All sides alternate within each repetition. Shared memory is off
+(``TVMPIPE_SHM=0``, for the workers this comparison starts too): between machines every byte
+crosses the socket, and that is what the security modes cost.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -86,10 +89,24 @@ def _hop_latency(
     ]
 
 
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 def run(settings: Settings) -> list[Row]:
     libs = (identity_library(2), identity_library(1))
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(_environment("TVMPIPE_SHM", "0"))
             pairs = {
                 mode: (
                     stack.enter_context(PipelineModule(libs[0], window=WINDOW, security=mode)),
