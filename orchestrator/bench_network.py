@@ -38,6 +38,7 @@ from .client import PipelineModule
 from .demo import mismatches
 from .library import PipelineLibrary
 from .macs import balanced_cuts, binding_costs
+from .measure import candidate_cuts
 from .models import example_input, load_onnx_model
 from .split import split_module
 from .tune import apply_database, find_database
@@ -50,6 +51,7 @@ WINDOW = 4  # two inputs per stage: one computing, one queued
 INPUTS = (16, 4)  # per repetition: full, quick
 CALIBRATION_RUNS = 5
 LATENCY_REQUESTS = (6, 2)  # single requests per repetition: full, quick
+TUNED_PIECES = 16  # make tune's --segments: the pieces whose workloads it tuned
 
 
 def unsplit_rate(
@@ -125,6 +127,13 @@ def rebalanced_cuts(costs: Sequence[float], cuts: list[int], seconds: Sequence[f
     return balanced_cuts(weighted, len(cuts) + 1)
 
 
+def _snap(cuts: list[int], allowed: Sequence[int] | None) -> list[int]:
+    """Each cut moved to the nearest allowed one (all allowed when None)."""
+    if not allowed:
+        return cuts
+    return sorted({min(allowed, key=lambda a: abs(a - cut)) for cut in cuts})
+
+
 def _numpy_list(value: Any) -> list[np.ndarray]:
     if isinstance(value, tvm.runtime.Tensor):
         return [value.numpy()]
@@ -157,14 +166,17 @@ def run_split(
     in turns with the unsplit model on one and two threads and the ``others`` (inputs/s);
     ``counts``: inputs per repetition, in a full run and a quick one."""
     costs = binding_costs(mod)
-    first = balanced_cuts(costs, len(CORES))
+    # Tuned, a cut must fall where make tune's pieces end: a stage's edge elsewhere splits a
+    # fused workload (a convolution from its bias) into ones the database never saw.
+    allowed = candidate_cuts(mod, TUNED_PIECES) if database is not None else None
+    first = _snap(balanced_cuts(costs, len(CORES)), allowed)
     lib = build(mod, first, target, database)
     example = example_input(mod, seed=0)
     try:
         first_seconds = stage_seconds(lib, example)
     finally:
         lib.close()
-    cuts = rebalanced_cuts(costs, first, first_seconds)
+    cuts = _snap(rebalanced_cuts(costs, first, first_seconds), allowed)
     lib = build(mod, cuts, target, database)
     if database is None:
         prepared = mod
