@@ -74,6 +74,7 @@ QUEUE_BYTES = 64 << 20  # what each stage may buffer, queues and sockets togethe
 MAX_RESTARTS = 10
 RESULT_TIMEOUT_S = 60.0
 TRACE_KEPT = 4096  # inputs whose timeline the client keeps when tracing
+TRACE_SETTLE_S = 2.0  # write_trace waits this long at most for the stages' last records
 
 
 class PipelineModule:
@@ -416,10 +417,22 @@ class PipelineModule:
             raise PipelineError("write_trace needs PipelineModule(..., trace=True)")
         from .trace import write_trace
 
-        stages = self._fleet.traces()
         with self._trace_lock:
             client = [dict(r) for r in self._timeline.values() if "result" in r]
+        stages = self._stage_traces(max((int(r["seq"]) for r in client), default=None))
         return write_trace(path, stages, client, self._clock_offsets, png=png)
+
+    def _stage_traces(self, latest: int | None) -> dict[str, list[dict[str, float]]]:
+        """The stages' timelines, once each holds ``latest``, the last input whose result came:
+        a stage records an input as done only after its send returned, which may be after the
+        result reached this process (waits at most TRACE_SETTLE_S)."""
+        deadline = time.monotonic() + TRACE_SETTLE_S
+        while True:
+            stages = self._fleet.traces()
+            settled = all(any(r.get("seq") == latest for r in recs) for recs in stages.values())
+            if latest is None or settled or time.monotonic() > deadline:
+                return stages
+            time.sleep(POLL_MS / 1000)
 
     # ----- lifetime
     def close(self) -> None:
