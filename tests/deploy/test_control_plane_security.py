@@ -310,7 +310,7 @@ def test_tuning_through_the_tracker_proves_the_secret(
         return tune_pipeline(
             weighted_module(),
             tmp_path / "db",
-            trials=2,
+            trials=1,
             target=target,
             key="board",
             tracker=net.tracker,
