@@ -105,11 +105,11 @@ def database_for_host(
     with contextlib.suppress(ConfigError):
         return find_database(database, target), ""
     root = Path(database)
-    kinds = sorted(root.glob(f"*/{KIND_FILE}")) if root.is_dir() else []
+    kinds = (
+        [read_kind(p.parent) for p in sorted(root.glob(f"*/{KIND_FILE}"))] if root.is_dir() else []
+    )
     what = "; ".join(
-        f"{_describe(read_kind(p.parent)['target'])} "
-        f"({read_kind(p.parent)['measured_on'].get('cpu_model', 'a board')})"
-        for p in kinds
+        f"{_describe(k['target'])} ({k['measured_on'].get('cpu_model', 'a board')})" for k in kinds
     )
     here = f"{_describe(_target_json(target))} ({_cpu_model()})"
     return None, f"the tuning database {root} is for {what or 'nothing'}, not this machine: {here}"
