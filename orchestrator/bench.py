@@ -139,7 +139,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--reps", type=int, help="repetitions per figure (default 5, quick 1)")
     parser.add_argument(
-        "--quick", action="store_true", help="short streams, no comparisons 6 to 8: a smoke test"
+        "--quick",
+        action="store_true",
+        help="short streams, no rebalanced cut, no comparisons 6 to 8: a smoke test",
     )
     parser.add_argument("--only", help="comparisons to run, e.g. 1,3 (5 comes with 3 and 4)")
     parser.add_argument(

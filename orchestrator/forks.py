@@ -68,10 +68,13 @@ class ForkedProcess:
     def kill(self) -> None:
         self._signal("kill")
 
-    def _signal(self, how: str) -> None:
+    def send_signal(self, sig: int) -> None:
+        self._signal("send_signal", sig)
+
+    def _signal(self, how: str, *args: int) -> None:
         if self._process is not None and self.poll() is None:  # psutil checks it is still it
             with contextlib.suppress(psutil.NoSuchProcess):
-                getattr(self._process, how)()
+                getattr(self._process, how)(*args)
 
 
 def _alive(process: psutil.Process | None) -> bool:
@@ -101,9 +104,15 @@ class ForkServer:
         self.socket = ours
         self.socket.settimeout(REPLY_TIMEOUT_S)
 
-    def fork(self, argv: Sequence[str], fds: Sequence[int]) -> int:
-        """A worker with ``argv`` and standard streams ``fds``; its pid."""
-        request = {"argv": list(argv), "env": dict(os.environ), "cwd": os.getcwd()}
+    def fork(self, argv: Sequence[str], fds: Sequence[int], new_session: bool = False) -> int:
+        """A worker with ``argv`` and standard streams ``fds`` (in a session of its own with
+        ``new_session``); its pid."""
+        request = {
+            "argv": list(argv),
+            "env": dict(os.environ),
+            "cwd": os.getcwd(),
+            "new_session": new_session,
+        }
         socket.send_fds(self.socket, [json.dumps(request).encode()], list(fds))
         reply = json.loads(self.socket.recv(4096) or b'{"error": "the fork server exited"}')
         if "pid" not in reply:
@@ -181,24 +190,29 @@ def _shutdown_locked() -> None:
     _server = None
 
 
-def start_worker(argv: Sequence[str], stderr: IO[Any]) -> subprocess.Popen[bytes] | ForkedProcess:
-    """``tvmpipe-worker argv`` with pipes on its stdin and stdout; stderr into ``stderr``."""
+def start_worker(
+    argv: Sequence[str], stderr: IO[Any], new_session: bool = False
+) -> subprocess.Popen[bytes] | ForkedProcess:
+    """``tvmpipe-worker argv`` with pipes on its stdin and stdout; stderr into ``stderr``;
+    ``new_session``: in a session of its own, out of reach of a terminal's Ctrl-C."""
     if not enabled():
         return subprocess.Popen(
             [sys.executable, "-m", "tvmpipe.worker", *argv],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
+            start_new_session=new_session,
         )
     stdin_read, stdin_write = os.pipe()
     stdout_read, stdout_write = os.pipe()
+    fds = [stdin_read, stdout_write, stderr.fileno()]
     try:
         with _lock:
             try:
-                pid = _current().fork(argv, [stdin_read, stdout_write, stderr.fileno()])
+                pid = _current().fork(argv, fds, new_session)
             except (OSError, ValueError):  # it died since: once more, with a new one
                 _shutdown_locked()
-                pid = _current().fork(argv, [stdin_read, stdout_write, stderr.fileno()])
+                pid = _current().fork(argv, fds, new_session)
     except BaseException:
         os.close(stdin_write)
         os.close(stdout_read)

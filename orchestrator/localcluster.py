@@ -41,6 +41,8 @@ from tvm.rpc import base as rpc_base
 
 from tvmpipe.proto.errors import DeployError
 
+from . import forks
+
 __all__ = ["LocalCluster", "LocalClusterError", "tracker_summary"]
 
 START_TIMEOUT_S = 60.0
@@ -74,19 +76,33 @@ class LocalClusterError(DeployError):
 class _Child:
     """One started process, its stderr in a temporary file, and how to stop it for good."""
 
-    def __init__(self, what: str, argv: Sequence[str], *, group: bool, read_stdout: bool):
+    def __init__(
+        self,
+        what: str,
+        argv: Sequence[str] = (),
+        *,
+        group: bool,
+        read_stdout: bool = False,
+        worker: Sequence[str] = (),
+    ):
         self.what = what
         self.group = group  # its own process group, ended as a whole
         self.log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         self._out = b""
-        # stdin is a pipe only we hold: its EOF tells the child that we are gone. stdout is a
-        # pipe only for the ready line (a --silent worker prints nothing else there).
+        # stdin is a pipe only we hold: its EOF tells the child that we are gone. A worker's
+        # stdout is a pipe only for the ready line (a --silent worker prints nothing else).
+        # Each runs in a session of its own: Ctrl-C in a terminal reaches us only, and we stop
+        # them in order.
+        self.process: subprocess.Popen[bytes] | forks.ForkedProcess
+        if worker:  # tvmpipe-worker's arguments: forked from one with TVM imported if it can
+            self.process = forks.start_worker(worker, self.log, new_session=True)
+            return
         self.process = subprocess.Popen(
             list(argv),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE if read_stdout else self.log,
             stderr=self.log,
-            start_new_session=True,  # Ctrl-C in a terminal reaches us only; we stop it in order
+            start_new_session=True,
         )
 
     def alive(self) -> bool:
@@ -337,6 +353,8 @@ class LocalCluster:
 
     def _start(self) -> None:
         deadline = time.monotonic() + self._timeout
+        if self._python == sys.executable:
+            forks.ensure_started()  # it imports TVM while the tracker starts
         self._start_tracker(deadline)
         self._workers = [self._spawn_worker(i) for i in range(self.n_workers)]
         for child in self._workers:
@@ -352,7 +370,7 @@ class LocalCluster:
             argv = [self._python, "-c", WITH_PARENT_BOOT, "tvm.exec.rpc_tracker"]
             argv += ["--host", self.host, "--port", str(port), "--port-end", str(port + 1)]
             what = f"TVM's tracker on {self.host}:{port}"
-            child = _Child(what, [*argv, "--silent"], group=True, read_stdout=False)
+            child = _Child(what, [*argv, "--silent"], group=True)
             self._tracker = child
             if self._wait_tracker(child, port, deadline):
                 self._tracker_port = port
@@ -379,13 +397,16 @@ class LocalCluster:
         raise child.failure(f"did not answer within {self._timeout:.0f} s (last: {last})")
 
     def _spawn_worker(self, index: int) -> _Child:
-        argv = [self._python, "-m", "tvmpipe.worker", "--host", self.host, "--port", "0"]
+        argv = ["--host", self.host, "--port", "0"]
         argv += ["--tracker", f"{self.host}:{self._tracker_port}", "--key", self.key]
         argv += ["--exit-with-parent", "--silent"]
         if self._secret_file:
             argv += ["--secret-file", self._secret_file]
         what = f"tvmpipe-worker {index} (key {self.key!r})"
-        return _Child(what, argv, group=False, read_stdout=True)
+        if self._python == sys.executable:
+            return _Child(what, group=False, worker=argv)
+        python = [self._python, "-m", "tvmpipe.worker", *argv]
+        return _Child(what, python, group=False, read_stdout=True)
 
     def _wait_ready(self, child: _Child, deadline: float) -> tuple[str, int]:
         """Read the worker's ``tvmpipe-worker ready HOST:PORT`` line."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tvmpipe.orchestrator import forks
 from tvmpipe.orchestrator.localcluster import LocalCluster, LocalClusterError
 
 
@@ -75,6 +76,11 @@ def test_local_cluster_registers_workers_and_leaves_nothing() -> None:
         assert cluster.tracker[0] == "127.0.0.1"
         assert {cluster.worker_of(pid) for pid in pids} - {None} == set(cluster.workers)
         assert cluster.worker_of(os.getpid()) is None
+        workers = [c.process.pid for c in cluster._workers]
+        if forks.enabled():  # forked, not a second import of TVM: the start takes ~3 s less
+            assert {psutil.Process(p).ppid() for p in workers} == {forks.server_pid()}
+        # each in a session of its own: a terminal's Ctrl-C reaches the controller only
+        assert [os.getsid(p) for p in workers] == workers
     assert _wait_gone(pids) == []
     with pytest.raises(LocalClusterError, match="closed"):
         cluster.summary()

@@ -45,6 +45,8 @@ def _become_worker(control: socket.socket, request: dict[str, Any], fds: list[in
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the worker waits for its own sessions
         signal.signal(signal.SIGINT, signal.default_int_handler)
         control.close()
+        if request.get("new_session"):
+            os.setsid()  # a terminal's Ctrl-C reaches the controller only, which stops it
         for target, fd in zip((0, 1, 2), fds, strict=True):
             os.dup2(fd, target)
             os.close(fd)
