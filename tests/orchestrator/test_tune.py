@@ -147,6 +147,35 @@ def test_build_from_the_database_matches_run_local(tuned: dict, tmp_path: Path) 
         plain.close()
 
 
+def test_applying_keeps_metaschedules_choice_and_skips_failed_runs(
+    tuned: dict, tmp_path: Path
+) -> None:
+    """apply_database opens only each workload's best record (MetaSchedule parses every
+    record on open: 11 s for make tune's database); the schedule is the one MetaSchedule's
+    own database picks from all of them, and a run that failed (1e10 s) is never it."""
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    kind_dir = tuned["database"] / kind_id(TARGET)
+    copy = tmp_path / "kind"
+    copy.mkdir()
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        (copy / name).write_bytes((kind_dir / name).read_bytes())
+    records = (copy / "database_tuning_record.json").read_text().splitlines()
+    workload, (trace, _, *rest) = json.loads(records[0])
+    failed = json.dumps([workload, [trace, [1e10], *rest]])
+    (copy / "database_tuning_record.json").write_text("\n".join([failed, *records]) + "\n")
+    mod, target = matmul_relu(tuned), tvm.target.Target(TARGET)
+    with target, ms.database.JSONDatabase(work_dir=str(copy), allow_missing=False):
+        expected = relax.transform.MetaScheduleApplyDatabase()(relax.pipeline.zero_pipeline()(mod))
+    tvm.ir.assert_structural_equal(apply_database(mod, TARGET, copy), expected)
+    tvm.ir.assert_structural_equal(apply_database(mod, TARGET, kind_dir), expected)
+    (copy / "database_tuning_record.json").write_text(failed + "\n")  # only a failure left
+    applied = apply_database(mod, TARGET, copy)
+    scheduled = [f for _, f in applied.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert [f.attrs.get("tirx.is_scheduled") for f in scheduled] == [None]  # built untuned
+
+
 def test_bad_database_paths_are_refused(tuned: dict, tmp_path: Path) -> None:
     cfg = split_module(matmul_relu(tuned), [])
     with pytest.raises(ConfigError, match="no such directory"):
