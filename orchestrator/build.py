@@ -24,6 +24,7 @@ import signal
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -48,7 +49,13 @@ from .library import (
 )
 from .progress import stage_progress
 from .signature import is_relax_module, signature_of
-from .tune import apply_database, database_digest, find_database
+from .tune import apply_database, database_digest, find_database, untuned_workloads
+
+UNTUNED_SHOWN = 5  # workload names a warning lists
+
+
+class UntunedWorkloadWarning(UserWarning):
+    """A stage built from a tuning database has workloads the database has no schedule for."""
 
 
 @dataclass(eq=False)
@@ -139,6 +146,7 @@ def _build_into(
 
     with stage_progress("compiling", len(compile_jobs), progress) as bar:
         _compile_all(compile_jobs, jobs or os.cpu_count() or 1, bar)
+    _warn_untuned(compile_jobs)
     for info in stages:
         info.sha256 = sha256_of(directory / info.artifact)
 
@@ -215,12 +223,39 @@ def _describe(value: Any) -> str | None:
     return f"{getattr(value, '__module__', '')}.{name}".lstrip(".")
 
 
+def _untuned_file(job: _CompileJob) -> Path:
+    """Where a compile (maybe in a forked child) leaves the workloads it found untuned."""
+    return job.path.with_name(f"{job.stage}.untuned.json")
+
+
+def _warn_untuned(jobs: list[_CompileJob]) -> None:
+    """Say which stages built some workloads without a tuned schedule, and why that is."""
+    for job in jobs:
+        path = _untuned_file(job)
+        if job.database is None or not path.is_file():
+            continue
+        untuned = json.loads(path.read_text())
+        path.unlink()
+        if untuned:
+            shown = ", ".join(untuned[:UNTUNED_SHOWN]) + (
+                ", ..." if len(untuned) > UNTUNED_SHOWN else ""
+            )
+            warnings.warn(
+                f"stage {job.stage!r}: {len(untuned)} workload(s) are not in the tuning "
+                f"database {job.database} and build with the default schedule ({shown}); "
+                f"tune this split (tvmpipe tune --cuts ...), or cut where tuned pieces end",
+                UntunedWorkloadWarning,
+                stacklevel=4,  # the caller of build_pipeline
+            )
+
+
 def _compile_one(job: _CompileJob) -> None:
     """Compile and export one stage; any failure is a BuildError naming the stage."""
     try:
         module = job.module
         if job.database is not None:
             module = apply_database(module, job.target, job.database)
+            _untuned_file(job).write_text(json.dumps(untuned_workloads(module)))
         if job.build_func is None:
             executable = tvm.compile(module, job.target, relax_pipeline=job.relax_pipeline)
         else:

@@ -206,6 +206,18 @@ def apply_database(mod: tvm.IRModule, target: Any, directory: str | os.PathLike[
             return relax.transform.MetaScheduleApplyDatabase()(prepared)
 
 
+def untuned_workloads(applied: tvm.IRModule) -> list[str]:
+    """The functions of an ``apply_database`` result that the database had no schedule for:
+    they build with the default (naive) schedule. A stage cut where no tuned piece ends
+    splits a fused workload (a convolution from its bias) into ones nobody tuned."""
+    return sorted(
+        gv.name_hint
+        for gv, func in applied.functions_items()
+        if isinstance(func, tvm.tirx.PrimFunc)
+        and not (func.attrs and func.attrs.get("tirx.is_scheduled"))
+    )
+
+
 def _copy_best_records(directory: Path, into: Path) -> None:
     """Copy a kind's database with only each workload's fastest measured record.
 

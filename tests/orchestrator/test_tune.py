@@ -12,6 +12,7 @@ import io
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import leaks  # tests/leaks.py (pytest puts tests/ on the path)
@@ -20,6 +21,7 @@ import pytest
 import tvm
 
 from tvmpipe.orchestrator import build_pipeline, split_module
+from tvmpipe.orchestrator.build import UntunedWorkloadWarning
 from tvmpipe.orchestrator.cli import main as cli_main
 from tvmpipe.orchestrator.library import load_library
 from tvmpipe.orchestrator.models import load_onnx_file
@@ -125,7 +127,8 @@ def test_build_from_the_database_matches_run_local(tuned: dict, tmp_path: Path) 
     cfg = split_module(matmul_relu(tuned), [])
     for module in cfg.modules:
         cfg[module].target = TARGET
-    with tvm.transform.PassContext(opt_level=3):
+    with tvm.transform.PassContext(opt_level=3), warnings.catch_warnings():
+        warnings.simplefilter("error", UntunedWorkloadWarning)  # its one workload is tuned
         lib = build_pipeline(cfg, progress=False, database=database)
         plain = build_pipeline(cfg, progress=False)
     try:
@@ -174,6 +177,28 @@ def test_applying_keeps_metaschedules_choice_and_skips_failed_runs(
     applied = apply_database(mod, TARGET, copy)
     scheduled = [f for _, f in applied.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert [f.attrs.get("tirx.is_scheduled") for f in scheduled] == [None]  # built untuned
+
+
+def test_a_stage_with_workloads_the_database_lacks_is_named(tuned: dict) -> None:
+    """Relu cut from its matmul: two workloads nobody tuned, and the build says so."""
+    mod = matmul_relu(tuned)
+    cfg = split_module(mod, [1])  # after the matmul: relu is a stage of its own
+    assert len(cfg.modules) == 2
+    for module in cfg.modules:
+        cfg[module].target = TARGET
+    with pytest.warns(UntunedWorkloadWarning) as caught:
+        lib = build_pipeline(cfg, progress=False, database=tuned["database"])
+    try:
+        messages = sorted(str(w.message) for w in caught)
+        assert len(messages) == 2, messages  # the matmul alone and the relu alone: both new
+        assert messages[0].startswith("stage 'mod1': 1 workload(s) are not in the tuning")
+        assert "matmul" in messages[0] and "relu" in messages[1], messages
+        assert "tvmpipe tune --cuts" in messages[0]
+        x = np.random.default_rng(3).standard_normal((8, 16)).astype("float32")
+        np.testing.assert_allclose(lib.run_local({"x": x})[0], reference(x), rtol=1e-5, atol=1e-5)
+        assert not list(lib.directory.glob("*.untuned.json"))  # nothing left in the package
+    finally:
+        lib.close()
 
 
 def test_bad_database_paths_are_refused(tuned: dict, tmp_path: Path) -> None:
