@@ -54,7 +54,7 @@ def squeezenet() -> Network:
 
 @pytest.fixture(scope="module")
 def resnet50() -> Network:
-    return _network("light_resnet50", 2)
+    return _network("light_resnet50", 1)  # ~4.4 s an inference untuned
 
 
 def _check_pipeline(net: Network, cfg: PipelineModuleConfig, n_inputs: int | None = None) -> None:
@@ -81,7 +81,8 @@ def _skips(cfg: PipelineModuleConfig) -> list[tuple[str, str]]:
 
 @pytest.mark.parametrize("name", ["squeezenet", "resnet50"])
 def test_random_weights_give_distinct_outputs(name: str, request: pytest.FixtureRequest) -> None:
-    """Neither a uniform nor a one-hot softmax, and different inputs give different outputs."""
+    """Neither a uniform nor a one-hot softmax, and different inputs give different outputs
+    (SqueezeNet's three; ResNet-50 runs one input, at ~4.4 s an inference)."""
     net: Network = request.getfixturevalue(name)
     probs = [out[0].ravel() for out in net.expected]
     for p in probs:
@@ -89,7 +90,8 @@ def test_random_weights_give_distinct_outputs(name: str, request: pytest.Fixture
         assert p.sum() == pytest.approx(1.0, rel=1e-4)
         assert 0.01 < p.max() < 0.99
         assert np.log(p).std() > 0.5  # the logits spread over classes
-    assert np.abs(probs[0] - probs[1]).max() > 0.05 * probs[0].max()
+    for other in probs[1:]:
+        assert np.abs(probs[0] - other).max() > 0.05 * probs[0].max()
 
 
 def test_squeezenet_three_stages(squeezenet: Network) -> None:
