@@ -20,7 +20,7 @@ from tvmpipe.orchestrator.models import example_input, load_onnx_model
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 
 CUTS = [42, 82]  # inside fire modules: both expand branches of fire4 and fire7 cross the cuts
-N_INPUTS = 8
+N_INPUTS = 4  # ~0.35 s an inference untuned; all four in flight at once
 
 
 def test_squeezenet_split_in_three_matches_the_unsplit_model() -> None:
@@ -44,11 +44,12 @@ def test_squeezenet_split_in_three_matches_the_unsplit_model() -> None:
             outs = [pipe.get_output(timeout=60) for _ in inputs]
             assert pipe.get_output() == []
             stats = pipe.stats()["stages"]
-        for x, out, want in zip(inputs, outs, expected, strict=True):
+        for out, want in zip(outs, expected, strict=True):
             assert len(out) == 1
             assert out[0].shape == want.shape
             np.testing.assert_allclose(out[0], want, rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(out[0], lib.run_local(x)[0], rtol=1e-5, atol=1e-6)
+        # the package's stages run in this process give the same numbers
+        np.testing.assert_allclose(outs[0][0], lib.run_local(inputs[0])[0], rtol=1e-5, atol=1e-6)
         # different inputs give different outputs: a constant result would not be checked
         assert not np.allclose(outs[0][0], outs[1][0])
         assert all(stats[s]["processed"] == N_INPUTS for s in ("mod1", "mod2", "mod3"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import msgpack
@@ -23,9 +24,10 @@ from tvmpipe.proto import (
     encode_blob,
 )
 
-# database=None: keep the repository free of a .hypothesis/ folder.
+# database=None: keep the repository free of a .hypothesis/ folder. 500 examples per property
+# in make test (about 12 s of the suite's CPU); TVMPIPE_FUZZ_EXAMPLES=20000 for a long hunt.
 FUZZ = settings(
-    max_examples=1000,
+    max_examples=int(os.environ.get("TVMPIPE_FUZZ_EXAMPLES", "500")),
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
