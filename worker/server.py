@@ -140,7 +140,9 @@ def _serve(spec: dict[str, Any], runner: Runner) -> str:
         runner,
         WorkerState.bind_host,
         WorkerState.advertise_host,
-        on_compute_start=lambda: pin_current_thread(affinity, threads),
+        on_compute_start=lambda: pin_current_thread(
+            affinity, threads, tvm_pool=spec["kind"] != "python"
+        ),
         socket_dir=WorkerState.work_dir,
     )
     return json.dumps({"address": f"tcp://{WorkerState.advertise_host}", "pid": os.getpid()})

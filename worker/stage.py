@@ -13,9 +13,10 @@ the critical path of a stage that waits on its device. Otherwise the compute thr
 itself: waking another thread costs about 40 us of latency and CPU per input in CPython, which
 a lone request or a small message must not pay. The sockets are guarded by ``_recv_lock``; the
 compute thread wakes the receive thread out of its poll (an inproc socket) when it wants them
-back. For the same reason the compute thread sends an output itself when that costs no wait
-(``_hand_on``); the send thread takes what must wait for room downstream, so encoding and
-sending never hold up the next computation. On loopback the receive sockets are Unix sockets
+back. For the same reason the compute thread sends a small output itself when that costs no
+wait (``_hand_on``); the send thread takes large outputs, whose copy into shared memory costs
+more than the hand-off, and what must wait for room downstream, so encoding and sending never
+hold up the next computation. On loopback the receive sockets are Unix sockets
 (proto/transport.py).
 
 Every sender delivers exactly one message (data or error) per sequence number and epoch to each
@@ -68,6 +69,7 @@ from tvmpipe.proto.shm import Inbox, Outbox, frames_bytes
 from tvmpipe.proto.transport import local_endpoint
 
 from .joins import JoinTable
+from .placement import name_os_thread
 from .queues import ByteQueue
 from .runner import Runner
 
@@ -75,6 +77,7 @@ POLL_MS = 50
 QUEUE_DEPTH = 4  # outputs waiting to be sent
 QUEUE_BYTES = 64 << 20  # all that a stage buffers: sockets, partial sets and send queue
 HWM = 16  # the most ZeroMQ messages a socket buffers, however small
+INLINE_SEND_BYTES = 64 << 10  # larger outputs go through the send thread: see _hand_on
 UNKNOWN_SIZE_HWM = 2  # from a sender whose tensors' sizes are not known (a Python stage's)
 LINGER_MS = 1000
 SAMPLES = 4096  # service times kept for the mean and p99
@@ -471,6 +474,7 @@ class Stage:
         return (seq, epoch, errors[0]) if errors else (seq, epoch, inputs)
 
     def _compute_loop(self) -> None:
+        name_os_thread("compute")
         if self._on_compute_start is not None:
             self.placement = self._on_compute_start()
         while not self._stopping.is_set():
@@ -540,6 +544,7 @@ class Stage:
 
     def _prefetch_loop(self) -> None:
         """While the runner computes, receive the next input set and hold it ready."""
+        name_os_thread("receive")
         wake = self._wake_out
         assert wake is not None
         while not self._stopping.is_set():
@@ -577,15 +582,19 @@ class Stage:
 
     # ----- sending
     def _hand_on(self, seq: int, epoch: int, result: Any) -> None:
-        """Send an output from the compute thread if that costs no wait, else queue it.
+        """Send a small output from the compute thread if that costs no wait, else queue it.
 
         Sending here saves a thread hand-off per input (tens of microseconds, which is most of
         a small hop); it happens only when nothing is queued before it, nothing is being sent,
-        and every destination has room, so the computation never waits on the network.
-        Whatever could not go now goes through the send thread, in order.
+        and every destination has room, so the computation never waits on the network. An
+        output of ``INLINE_SEND_BYTES`` or more always goes through the send thread: copying
+        1 MiB into a shared-memory slot and sending it took 0.55 ms of the compute thread, which
+        held a chain of 10 ms stages at 0.89 of its ideal rate (0.95-0.98 through the send
+        thread, on a 2-core Zen 3 VM). Whatever could not go now goes the same way, in order.
         """
         pending = tuple(d.name for d in self._destinations)
-        if self._send_lock.acquire(blocking=False):
+        nbytes = _nbytes(result)
+        if nbytes < INLINE_SEND_BYTES and self._send_lock.acquire(blocking=False):
             try:
                 if not self._send_queue.qsize():
                     self._apply_rewires()
@@ -593,7 +602,7 @@ class Stage:
             finally:
                 self._send_lock.release()
         if pending:
-            self._put((seq, epoch, result, pending), _nbytes(result))
+            self._put((seq, epoch, result, pending), nbytes)
 
     def _send_now(
         self, seq: int, epoch: int, result: Any, names: tuple[str, ...]
@@ -625,6 +634,7 @@ class Stage:
 
     def _send_loop(self) -> None:
         """Sends what the compute thread could not, waiting for room downstream."""
+        name_os_thread("send")
         while not self._stopping.is_set():
             if not self._send_queue.wait(timeout=POLL_MS / 1000):
                 with self._send_lock:
