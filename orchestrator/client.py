@@ -317,20 +317,26 @@ class PipelineModule:
     def submit(self, inputs: Mapping[str, Any], copy: bool = True) -> Future[list[np.ndarray]]:
         """Launch one complete input set; the future holds its outputs (or the StageError).
 
-        ``copy=False`` as for ``set_input``."""
+        ``copy=False`` as for ``set_input``. With ``copy=True`` and no ``restart``, the input
+        is sent before submit returns, and the send itself takes the copy (into a shared-memory
+        slot, or into ZeroMQ's own buffer): one copy of each tensor instead of two."""
         self._check_usable()
         names = set(self.lib.input_names())
         if set(inputs) != names:
             raise InputError(
                 f"submit needs exactly the inputs {sorted(names)}; got {sorted(inputs)}"
             )
-        arrays = {name: self.lib.check_input(name, value, copy) for name, value in inputs.items()}
+        send_copies = copy and not self._sequencer.keep_copies  # nothing keeps them after
+        arrays = {
+            name: self.lib.check_input(name, value, copy and not send_copies)
+            for name, value in inputs.items()
+        }
         future: Future[list[np.ndarray]] = Future()
         future.set_running_or_notify_cancel()
         with self._cond:
             self._wait_for_room()
             seq = self._sequencer.launch(arrays, future, time.monotonic())
-        self._send(seq, arrays)
+        self._send(seq, arrays, send_copies)
         return future
 
     def map(
@@ -503,38 +509,41 @@ class PipelineModule:
         self._check_usable()
 
     # ----- sending
-    def _send(self, seq: int, inputs: dict[str, np.ndarray]) -> None:
-        """Send one input set, unless a redeployment holds it back (the resend sends it)."""
+    def _send(self, seq: int, inputs: dict[str, np.ndarray], copy: bool = False) -> None:
+        """Send one input set, unless a redeployment holds it back (the resend sends it).
+
+        ``copy``: the caller may change the tensors once this returns, so the send copies."""
         with self._send_lock:
             with self._cond:
                 if self._paused or not self._sequencer.take_send(seq, time.monotonic()):
                     return
                 epoch = self._sequencer.epoch
-            self._send_now(seq, epoch, inputs)
+            self._send_now(seq, epoch, inputs, copy)
 
-    def _send_now(self, seq: int, epoch: int, inputs: dict[str, np.ndarray]) -> bool:
+    def _send_now(
+        self, seq: int, epoch: int, inputs: dict[str, np.ndarray], copy: bool = False
+    ) -> bool:
         """Send (holding ``_send_lock``); False if a stage was lost meanwhile."""
         if self._timeline is None:
-            return self._send_frames(seq, epoch, inputs)
+            return self._send_frames(seq, epoch, inputs, copy)
         with self._trace_lock:  # the first send is the one timed
             record = self._timeline.setdefault(seq, {"seq": seq, "send_start": time.time()})
             if len(self._timeline) > TRACE_KEPT:
                 self._timeline.popitem(last=False)
-        sent = self._send_frames(seq, epoch, inputs)
+        sent = self._send_frames(seq, epoch, inputs, copy)
         with self._trace_lock:
             record.setdefault("send_end", time.time())
         return sent
 
-    def _send_frames(self, seq: int, epoch: int, inputs: dict[str, np.ndarray]) -> bool:
+    def _send_frames(self, seq: int, epoch: int, inputs: dict[str, np.ndarray], copy: bool) -> bool:
         deadline = time.monotonic() + self.timeout
         for stage, tensors in self.wiring.client_messages(inputs):
             frames = encode(Message.data(seq, CLIENT, tensors, epoch))
             push = self._pushes[stage]
             outbox = self._outboxes.get(stage)
             try:  # the common case: room in the queue, no poll needed
-                push.send_multipart(
-                    outbox.wrap(frames) if outbox else frames, copy=False, flags=zmq.NOBLOCK
-                )
+                out = outbox.wrap(frames) if outbox else frames
+                push.send_multipart(out, copy=copy and _lends(out, frames), flags=zmq.NOBLOCK)
                 self._counters["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
                 continue
             except zmq.Again:
@@ -550,7 +559,8 @@ class PipelineModule:
                     )
                     self._deliver(seq, error)
                     raise error
-            push.send_multipart(outbox.wrap(frames) if outbox else frames, copy=False)
+            out = outbox.wrap(frames) if outbox else frames
+            push.send_multipart(out, copy=copy and _lends(out, frames))
             self._counters["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
         return True
 
@@ -686,6 +696,12 @@ class PipelineModule:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+
+def _lends(out: list[Any], frames: list[Any]) -> bool:
+    """Whether the frames going out still borrow the tensors (no shared-memory slot took a
+    copy): those sent with ``copy=False`` are read by ZeroMQ after the send returns."""
+    return len(frames) > 1 and out[-1] is frames[-1]
 
 
 def _peer(frame: zmq.Frame) -> str | None:

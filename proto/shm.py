@@ -109,16 +109,16 @@ class Outbox:
         self._budget = budget_bytes  # the most the ring may hold, all slots together
         self._ring: _Ring | None = None
         self._taken: int | None = None  # the slot of the last wrap, until it is sent
-        self._closed = False
+        self._closed = not enabled()
 
     def wrap(self, frames: list[Any]) -> list[Any]:
         """``frames`` (header, tensors) as they should go: through a slot when the receiver
         has the ring and a slot is free, else as they are (offering the ring when it is new)."""
         self._taken = None
         sizes = [memoryview(f).nbytes for f in frames[1:]]
-        need = sum(_round(s, ALIGN) for s in sizes)
-        if sum(sizes) < MIN_BYTES or self._closed or not enabled():
+        if self._closed or sum(sizes) < MIN_BYTES:
             return frames
+        need = sum(_round(s, ALIGN) for s in sizes)
         ring = self._ring
         if ring is None or need > ring.slot_bytes:
             ring = self._new_ring(need)
@@ -220,6 +220,8 @@ class Inbox:
         a reference that does not hold."""
         first = frames[0]
         view = memoryview(getattr(first, "buffer", first))
+        if not view.nbytes or view[0] != MAGIC[0]:  # a message header: the data came with it
+            return list(frames)
         if view.nbytes < len(MAGIC) or bytes(view[: len(MAGIC)]) != MAGIC:
             return list(frames)
         try:
