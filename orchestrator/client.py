@@ -541,25 +541,27 @@ class PipelineModule:
             frames = encode(Message.data(seq, CLIENT, tensors, epoch))
             push = self._pushes[stage]
             outbox = self._outboxes.get(stage)
+            out = outbox.wrap(frames) if outbox else frames  # once: a slot waits with it
             try:  # the common case: room in the queue, no poll needed
-                out = outbox.wrap(frames) if outbox else frames
                 push.send_multipart(out, copy=copy and _lends(out, frames), flags=zmq.NOBLOCK)
                 self._counters["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
                 continue
             except zmq.Again:
-                if outbox:
-                    outbox.unsent()
+                pass
             while not push.poll(POLL_MS, zmq.POLLOUT):
                 if self._closed or self._lost or self._paused:
+                    if outbox:
+                        outbox.unsent()
                     return False  # a lost stage: recovery sends it again, or it failed
                 if time.monotonic() > deadline:
+                    if outbox:
+                        outbox.unsent()
                     error = BackpressureTimeout(
                         f"stage {stage!r} accepted no input for {self.timeout:.1f} s; input "
                         f"#{seq} was not delivered"
                     )
                     self._deliver(seq, error)
                     raise error
-            out = outbox.wrap(frames) if outbox else frames
             push.send_multipart(out, copy=copy and _lends(out, frames))
             self._counters["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
         return True

@@ -684,21 +684,30 @@ class Stage:
         return frames, sum(len(memoryview(f)) for f in frames)
 
     def _send(self, name: str, frames: list[Any], size: int) -> bool:
-        """Send, waiting while the peer's queue is full; False once the stage is stopping."""
+        """Send, waiting while the peer's queue is full; False once the stage is stopping.
+
+        The message is wrapped once: a tensor copied into a shared-memory slot keeps its slot
+        while it waits for room (copying it again after every wait cost a second copy of
+        each tensor to the stage before a slower one), unless a rewire replaced the socket."""
         push = self._socket(name, size)
+        wrapped = self._wrap(name, frames)
         try:  # the common case: room in the queue, no poll needed
-            push.send_multipart(self._wrap(name, frames), copy=False, flags=zmq.NOBLOCK)
+            push.send_multipart(wrapped, copy=False, flags=zmq.NOBLOCK)
             return True
         except zmq.Again:
-            self._unsent(name)
+            pass
         blocked = time.perf_counter()
         try:
             while not self._stopping.is_set():
-                self._apply_rewires()
-                push = self._socket(name, size)
+                if self._rewires:
+                    self._unsent(name)  # its ring may be closed by the rewire
+                    self._apply_rewires()
+                    push = self._socket(name, size)
+                    wrapped = self._wrap(name, frames)
                 if push.poll(POLL_MS, zmq.POLLOUT):
-                    push.send_multipart(self._wrap(name, frames), copy=False)
+                    push.send_multipart(wrapped, copy=False)
                     return True
+            self._unsent(name)
             return False
         finally:
             with self._lock:
