@@ -36,6 +36,7 @@ demo: $(STAMP)
 
 # Side-by-side figures (median of several repetitions); also written to build/bench.json.
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[bench]"  # onnxruntime: comparison 7's reference
 	$(VENV)/bin/tvmpipe bench --json build/bench.json
 
 # The tuning database make demo and comparison 7 build from (orchestrator/tuning_db/): SqueezeNet

@@ -202,13 +202,21 @@ def _netns_boards() -> Any:
     return sys.modules[name]
 
 
-@pytest.mark.timeout(60)
+LINK_TRIES = 3  # a busy machine can starve the probe's encryption: the best of a few tries
+
+
+@pytest.mark.timeout(90)
 def test_links_across_simulated_boards() -> None:
-    """A link shaped to 100 Mbit/s measures about that; the advertised addresses are used."""
+    """A link shaped to 100 Mbit/s measures about that; the advertised addresses are used.
+
+    Between boards the probe encrypts, as the data plane would, so a neighbour that takes the
+    CPU (CI runs several tests at once) can hold a measurement under the link's rate: each link
+    keeps its best of up to LINK_TRIES measurements, and none may exceed the shaped rate."""
     netns = _netns_boards()
     reason = netns.netns_unavailable()
     if reason:
         pytest.skip(reason)
+    best: dict[tuple[str, str], float] = {}
     with netns.SimulatedBoards(["a", "b"], rates=["100mbit", None]) as boards:
         tracker = rpc.connect_tracker(*boards.tracker)
         try:
@@ -216,17 +224,26 @@ def test_links_across_simulated_boards() -> None:
         finally:
             tracker.close()
         try:
-            links = {
-                (x["src"], x["dst"]): x
-                for x in measure_links(sessions, count=4, size=1 << 18, pings=5)
-            }
+            for _ in range(LINK_TRIES):
+                links = {
+                    (x["src"], x["dst"]): x
+                    for x in measure_links(sessions, count=4, size=1 << 18, pings=5)
+                }
+                # between boards the data plane encrypts by default: so does the probe
+                assert all(x["encrypted"] for x in links.values()), links
+                assert all(x["send_cpu_s"] > 0 and x["receive_cpu_s"] > 0 for x in links.values())
+                for link, x in links.items():
+                    bits = x["bandwidth_Bps"] * 8
+                    best[link] = max(best.get(link, 0.0), bits)
+                    if link[1] == "b1":  # behind the 100 Mbit/s link
+                        assert bits < 150e6, (link, bits)
+                if min(best[("b2", "b1")], best[("controller", "b1")]) > 50e6 and (
+                    best[("controller", "b2")] > 300e6
+                ):
+                    break
         finally:
             sessions.clear()
             gc.collect()
-    # between boards the data plane encrypts by default: so does the probe, and it costs CPU
-    assert all(x["encrypted"] for x in links.values()), links
-    assert all(x["send_cpu_s"] > 0 and x["receive_cpu_s"] > 0 for x in links.values())
-    shaped = links[("b2", "b1")]["bandwidth_Bps"] * 8
-    assert 50e6 < shaped < 150e6
-    assert 50e6 < links[("controller", "b1")]["bandwidth_Bps"] * 8 < 150e6
-    assert links[("controller", "b2")]["bandwidth_Bps"] * 8 > 300e6
+    assert best[("b2", "b1")] > 50e6, best
+    assert best[("controller", "b1")] > 50e6, best
+    assert best[("controller", "b2")] > 300e6, best
