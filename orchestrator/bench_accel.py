@@ -14,7 +14,7 @@ import time
 import numpy as np
 import psutil
 
-from .bench_common import SETTLE_S, Row, Settings, median, stream_rate
+from .bench_common import Row, Settings, median, stream_rate
 from .bench_stages import BUSY
 from .build import build_pipeline
 from .client import PipelineModule
@@ -55,7 +55,7 @@ def chain_rates(
     lib = busy_library(stages)
     try:
         with PipelineModule(lib, window=window, trace=trace) as pipe:
-            time.sleep(SETTLE_S)
+            settings.settle()
             stream_rate(pipe, inputs[: 2 * window], window, 0)  # warm-up
             procs = [psutil.Process(s["pid"]) for s in pipe.stats()["stages"].values()]
             rates, cpu = [], []

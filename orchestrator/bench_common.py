@@ -35,6 +35,11 @@ class Settings:
     def count(self, full: int, quick: int) -> int:
         return quick if self.quick else full
 
+    def settle(self) -> None:
+        """Let a pipeline that just started settle before it is timed (not in a smoke test)."""
+        if not self.quick:
+            time.sleep(SETTLE_S)
+
 
 @dataclass
 class Row:

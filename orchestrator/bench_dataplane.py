@@ -33,7 +33,7 @@ import zmq
 
 from tvmpipe.proto.transport import local_endpoint
 
-from .bench_common import SETTLE_S, Row, Settings, alternate, median
+from .bench_common import Row, Settings, alternate, median
 from .bench_stages import IDENTITY
 from .build import build_pipeline
 from .client import PipelineModule
@@ -298,7 +298,7 @@ def run(settings: Settings) -> list[Row]:
         raws.append(RawChain(2))
         raws.append(RawChain(1))
         with PipelineModule(libs[0], window=WINDOW) as two, PipelineModule(libs[1]) as one:
-            time.sleep(SETTLE_S)
+            settings.settle()
             for label, size in SIZES:
                 rows.extend(throughput_row(label, size, two, raws[0], settings))
             rows.extend(latency_rows((two, one), (raws[0], raws[1]), settings))

@@ -140,7 +140,7 @@ def run(settings: Settings) -> list[Row]:
         )
         servers = [f"{w.host}:{w.port}" for w in workers]
         with PipelineModule(lib, servers=servers, window=WINDOW) as pipe:
-            time.sleep(SETTLE_S)
+            settings.settle()
             latency = latency_row(
                 f"{STAGES} tiny stages, 1 MiB", pipe, lib, items, settings, LATENCY_REQUESTS
             )

@@ -24,7 +24,6 @@ import tvm
 from tvm import relax
 
 from .bench_common import (
-    SETTLE_S,
     Row,
     Settings,
     alternate,
@@ -194,7 +193,7 @@ def run_split(
     try:
         seconds = stage_seconds(lib, example)
         with PipelineModule(lib, window=WINDOW) as pipe:
-            time.sleep(SETTLE_S)
+            settings.settle()
             outputs = [list(o) for o in pipe.map(inputs[:WINDOW], window=WINDOW)]
             bad = mismatches(outputs, unsplit_outputs(executable, inputs[:WINDOW]))
             if bad:

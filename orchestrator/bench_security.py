@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from .bench_common import SETTLE_S, Row, Settings, alternate, median
+from .bench_common import Row, Settings, alternate, median
 from .bench_dataplane import WINDOW, identity_library, pipe_round_trip, pipe_stream
 from .client import PipelineModule
 
@@ -114,7 +113,7 @@ def run(settings: Settings) -> list[Row]:
                 )
                 for mode in ("off", *MODES)
             }
-            time.sleep(SETTLE_S)
+            settings.settle()
             rows: list[Row] = []
             for label, size in SIZES:
                 rows.extend(_throughput({m: p[0] for m, p in pairs.items()}, label, size, settings))
