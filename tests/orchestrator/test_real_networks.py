@@ -16,7 +16,7 @@ from tvm import relax
 from tvmpipe.orchestrator.config import PipelineModuleConfig
 from tvmpipe.orchestrator.split import split_module
 
-from .test_split import compile_module, compile_stages, run_module, run_stages
+from .test_split import compile_module, compile_stages, input_names, run_module, run_stages
 
 pytest.importorskip("onnx")
 
@@ -100,6 +100,17 @@ def test_squeezenet_three_stages(squeezenet: Network) -> None:
     assert list(cfg.inputs) == ["data_0"]
     assert _stage_inputs(cfg) == [1, 2, 2]  # the two expand branches of a fire module
     _check_pipeline(squeezenet, cfg)
+
+
+def test_squeezenet_cut_between_dropout_and_its_field(squeezenet: Network) -> None:
+    """SqueezeNet as imported from ONNX: binding 112 is dropout(...) (a tuple) and 113 takes its
+    field; a cut at 112 was refused before. (ResNet-50's batch_norm bindings are the same case.)"""
+    bindings = squeezenet.mod["main"].body.blocks[0].bindings
+    assert isinstance(bindings[111].var.ty, tvm.ir.TupleType)
+    assert isinstance(bindings[112].value, relax.TupleGetItem)
+    cfg = split_module(squeezenet.mod, [112])
+    assert len(input_names(cfg.modules[1])) == 1  # only the field that is read crosses
+    _check_pipeline(squeezenet, cfg, n_inputs=1)
 
 
 def test_resnet50_four_stages_with_a_skip(resnet50: Network) -> None:

@@ -591,23 +591,6 @@ def test_every_binding_position_is_a_cut(
     assert_pipeline_same_as_unsplit(mod, cfgs, random_inputs(mod))
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_real_network_cut_between_dropout_and_its_field() -> None:
-    """SqueezeNet as imported from ONNX: binding 112 is dropout(...) (a tuple) and 113 takes its
-    field; a cut at 112 was refused before. (ResNet-50's batch_norm bindings are the same case.)"""
-    pytest.importorskip("onnx")
-    from tvmpipe.orchestrator.models import example_input, load_onnx_model
-
-    mod = load_onnx_model("light_squeezenet", seed=0)
-    bindings = mod["main"].body.blocks[0].bindings
-    assert isinstance(bindings[111].var.ty, tvm.ir.TupleType)
-    assert isinstance(bindings[112].value, relax.TupleGetItem)
-    cfg = split_module(mod, [112])
-    assert len(input_names(cfg.modules[1])) == 1  # only the field that is read crosses
-    assert_pipeline_same_as_unsplit(mod, [cfg], example_input(mod, seed=0))
-
-
 # ----- refusals
 
 
