@@ -12,17 +12,27 @@ import pytest
 
 from tvmpipe.orchestrator import forks
 
-# The slowest files, started first: make test runs two pytest-xdist processes that each take a
-# whole file at a time, and a long file started last would run alone at the end.
+# The slowest files, longest first: make test runs three pytest-xdist processes that each take a
+# whole file at a time, and a long file started last would run alone at the end. The order is
+# each file's total in a cold-cache run (--durations=0) on a 2-core VM, largest first.
 SLOW_FIRST = (
-    "test_bench.py",
-    "test_demo.py",
+    "test_unequal_boards.py",
     "test_real_networks.py",
+    "test_demo.py",
+    "test_split.py",
+    "test_tune.py",
+    "test_bench.py",
+    "test_control_plane_security.py",
+    "test_pipeline.py",
+    "test_cli.py",
     "test_chaos.py",
     "test_recovery.py",
-    "test_unequal_boards.py",
-    "test_real_network.py",
-    "test_memory.py",
+    "test_shared_memory.py",
+    "test_boards.py",
+    "test_link_failure.py",
+    "test_floods.py",
+    "test_fuzz.py",
+    "test_forks.py",
 )
 
 
