@@ -97,6 +97,10 @@ def test_outputs_stay_in_order_when_the_next_stage_is_full(context: zmq.Context[
         got = [decode(sink.recv_multipart()) for _ in range(count)]
         assert [m.seq for m in got] == list(range(count))
         assert all(int(m.tensors["0"][0]) == m.seq % 256 for m in got)
+        # an output counts as sent once its send returned, which may be after it arrived here
+        deadline = time.monotonic() + 10
+        while stage.snapshot()["sent"] < count and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert stage.snapshot()["sent"] == count
     finally:
         push.close(0)
