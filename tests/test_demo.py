@@ -39,8 +39,8 @@ def test_demo_runs_and_every_result_matches() -> None:
     # untuned: building from a tuning database takes twice as long, and is tested in
     # tests/orchestrator/test_tune.py (on another CPU the demo builds untuned anyway)
     result = subprocess.run(
-        # 4 candidate pieces, not 16: on a machine with no measurement cache yet (CI),
-        # measuring them is most of the demo's time (the plan still picks three stages)
+        # 8 candidate pieces, not 16: on a machine with no measurement cache yet (CI),
+        # measuring them is most of the demo's time (from 4 the plan may pick two stages)
         [
             sys.executable,
             "-m",
@@ -50,7 +50,7 @@ def test_demo_runs_and_every_result_matches() -> None:
             "--database",
             "none",
             "--segments",
-            "4",
+            "8",
         ],
         capture_output=True,
         text=True,
