@@ -57,7 +57,8 @@ RAW = "raw pyzmq"
 class RawChain:
     """This process's PUSH -> ``forwarders`` processes in a chain -> this process's PULL."""
 
-    def __init__(self, forwarders: int) -> None:
+    def __init__(self, forwarders: int, adds: tuple[float, ...] = ()) -> None:
+        """``adds``: each forwarder, last first, adds its K to the tensor (``--add``)."""
         self._context = zmq.Context()
         self._procs: list[subprocess.Popen[bytes]] = []
         self.pull = self._context.socket(zmq.PULL)
@@ -71,17 +72,18 @@ class RawChain:
                 self.pull.bind(address)
             else:
                 address = f"tcp://127.0.0.1:{self.pull.bind_to_random_port('tcp://127.0.0.1')}"
-            for _ in range(forwarders):
-                address = self._spawn(address)
+            for index in range(forwarders):
+                address = self._spawn(address, adds[index] if adds else None)
             self.push.connect(address)
         except BaseException:
             self.close()
             raise
 
-    def _spawn(self, downstream: str) -> str:
+    def _spawn(self, downstream: str, add: float | None) -> str:
         bind = [f"ipc://{self._dir}/{len(self._procs)}.sock"] if self._dir else []
+        extra = ["--add", str(add)] if add is not None else []
         proc = subprocess.Popen(
-            [sys.executable, str(FORWARDER), downstream, *bind],
+            [sys.executable, str(FORWARDER), downstream, *bind, *extra],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -115,6 +117,13 @@ class RawChain:
         frames = self.pull.recv_multipart(copy=False)
         np.frombuffer(frames[1].buffer, dtype=array.dtype)
         return time.perf_counter() - start
+
+    def request(self, array: np.ndarray) -> np.ndarray:
+        """One tensor through the chain and back, copied on the way out as ``set_input``
+        copies: the caller may reuse its buffer at once."""
+        self.push.send_multipart([struct.pack("<Q", 0), array.data], copy=True)
+        frames = self.pull.recv_multipart(copy=False)
+        return np.frombuffer(frames[1].buffer, dtype=array.dtype).reshape(array.shape)
 
     def pids(self) -> list[int]:
         return [proc.pid for proc in self._procs]

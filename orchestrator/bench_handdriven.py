@@ -21,7 +21,8 @@ import tvm
 from tvm import relax, rpc
 
 from .bench_common import SETTLE_S, Row, Settings, alternate, in_fresh_thread, stream_rate
-from .bench_latency import latency_row
+from .bench_dataplane import RawChain
+from .bench_latency import latency_rows
 from .build import build_pipeline
 from .client import PipelineModule
 from .config import PipelineModuleConfig
@@ -129,6 +130,7 @@ def run(settings: Settings) -> list[Row]:
     local = items[: settings.count(*LOCAL_INPUTS)]
     lib = tiny_library()
     workers = start_local_workers(STAGES)
+    raw: RawChain | None = None
     try:
         medians, samples = alternate(
             settings.reps,
@@ -140,11 +142,20 @@ def run(settings: Settings) -> list[Row]:
         )
         servers = [f"{w.host}:{w.port}" for w in workers]
         with PipelineModule(lib, servers=servers, window=WINDOW) as pipe:
+            raw = RawChain(STAGES, adds=tuple(float(k + 1) for k in range(STAGES)))
             settings.settle()
-            latency = latency_row(
-                f"{STAGES} tiny stages, 1 MiB", pipe, lib, items, settings, LATENCY_REQUESTS
+            latency = latency_rows(
+                f"{STAGES} tiny stages, 1 MiB",
+                pipe,
+                lib,
+                items,
+                settings,
+                LATENCY_REQUESTS,
+                raw=raw.request,
             )
     finally:
+        if raw is not None:
+            raw.close()
         for worker in workers:
             worker.stop()
         lib.close()
@@ -170,5 +181,5 @@ def run(settings: Settings) -> list[Row]:
             samples={k: samples[k] for k in ("tvmpipe", "local")},
             note="the three modules run in this process: no data moves",
         ),
-        latency,
+        *latency,
     ]

@@ -31,7 +31,7 @@ from .bench_common import (
     median,
     stream_rate,
 )
-from .bench_latency import latency_row
+from .bench_latency import latency_rows
 from .build import build_pipeline
 from .client import PipelineModule
 from .demo import mismatches
@@ -215,7 +215,9 @@ def run_split(
                 },
             )
             if latency_what is not None:
-                latency = latency_row(latency_what, pipe, lib, inputs, settings, LATENCY_REQUESTS)
+                (latency,) = latency_rows(
+                    latency_what, pipe, lib, inputs, settings, LATENCY_REQUESTS
+                )
     finally:
         lib.close()
     took = " / ".join(f"{s * 1e3:.0f}" for s in seconds)

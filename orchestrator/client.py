@@ -674,7 +674,7 @@ class PipelineModule:
         """Each output has the dtype and shape its stage declares (where they are known)."""
         for array, out in zip(outputs, self.lib.outputs, strict=True):
             specs = self.lib.stage(out.stage).outputs
-            got = TensorSpec("", str(array.dtype), tuple(array.shape))
+            got = TensorSpec.of("", array)
             if specs is not None and not specs[out.index].compatible(got):
                 return False
         return True

@@ -169,7 +169,8 @@ class PipelineLibrary:
                 f"input {name!r}: cannot make an array of {type(value).__name__}"
             ) from exc
         spec = binding.spec
-        if spec.dtype is not None and str(array.dtype) != spec.dtype:
+        given = TensorSpec.of(name, array)
+        if spec.dtype is not None and given.dtype != spec.dtype:
             raise InputError(
                 f"input {name!r} expects dtype {spec.dtype} ({spec.describe()}), got {array.dtype}"
             )
@@ -177,7 +178,6 @@ class PipelineLibrary:
             raise InputError(
                 f"input {name!r}: dtype {array.dtype} cannot travel; use a numeric one"
             )
-        given = TensorSpec(name, str(array.dtype), tuple(array.shape))
         if not spec.compatible(given):
             raise InputError(
                 f"input {name!r} expects shape {spec.describe()}, got {list(array.shape)}"

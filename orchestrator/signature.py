@@ -17,6 +17,7 @@ from tvm import relax
 from tvmpipe.proto.errors import ConfigError
 
 Shape = tuple[int | None, ...]
+_DTYPE_NAMES: dict[Any, str] = {}  # numpy dtype -> its name: str(dtype) costs microseconds
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,15 @@ class TensorSpec:
     name: str
     dtype: str | None = None
     shape: Shape | None = None
+
+    @classmethod
+    def of(cls, name: str, array: Any) -> TensorSpec:
+        """What an array is, as a port spec (checked for every input and result: kept cheap)."""
+        dtype = array.dtype
+        text = _DTYPE_NAMES.get(dtype)
+        if text is None:
+            text = _DTYPE_NAMES[dtype] = str(dtype)
+        return cls(name, text, array.shape)
 
     def describe(self) -> str:
         if self.dtype is None:

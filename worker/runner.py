@@ -23,7 +23,10 @@ from tvm import relax
 _LINK_LOCK = threading.Lock()
 _CPU = 1  # DLPack's kDLCPU
 ALIGNMENT = 64  # bytes: what TVM's kernels assume of their inputs
-LARGE_BYTES = 1 << 20  # a result this large makes the next call use a fresh VM
+# A result this large makes the next call use a fresh VM (see StageRunner.__call__). Below it,
+# the VM keeps its last result until the next call: making a VM costs 30-100 us, a tenth of a
+# 1 MiB hop's CPU, and 16 MiB more held is a price only large tensors must not pay.
+LARGE_BYTES = 16 << 20
 
 
 def tvm_device(kind: str) -> Any:
@@ -90,9 +93,9 @@ class StageRunner:
 
     ``input_names`` is the order the stage takes its inputs in; ``params`` are parameter-group
     weights that the stage feeds itself and that ``set_params`` may replace between inputs.
-    A Relax stage on the CPU holds at most two copies of a large tensor: the input until it is
-    on the device (``owned=True`` frees the received frame then), and the VM's output, which
-    is returned as a view, not copied.
+    A Relax stage on the CPU holds at most two copies of a large tensor (``LARGE_BYTES`` or
+    more): the input until it is on the device (``owned=True`` frees the received frame then),
+    and the VM's output, which is returned as a view, not copied.
     """
 
     def __init__(
