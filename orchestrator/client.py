@@ -39,6 +39,7 @@ from tvmpipe.proto.errors import (
     ProtocolError,
     StageLostError,
 )
+from tvmpipe.proto.frames import NOBLOCK, recv_frames, send_frames
 from tvmpipe.proto.messages import (
     MAX_FRAME_BYTES,
     MAX_HEADER_BYTES,
@@ -543,7 +544,7 @@ class PipelineModule:
             outbox = self._outboxes.get(stage)
             out = outbox.wrap(frames) if outbox else frames  # once: a slot waits with it
             try:  # the common case: room in the queue, no poll needed
-                push.send_multipart(out, copy=copy and _lends(out, frames), flags=zmq.NOBLOCK)
+                send_frames(push, out, NOBLOCK, copy=copy and _lends(out, frames))
                 self._counters["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
                 continue
             except zmq.Again:
@@ -562,7 +563,7 @@ class PipelineModule:
                     )
                     self._deliver(seq, error)
                     raise error
-            push.send_multipart(out, copy=copy and _lends(out, frames))
+            send_frames(push, out, copy=copy and _lends(out, frames))
             self._counters["bytes_out"] += sum(memoryview(f).nbytes for f in frames)
         return True
 
@@ -635,7 +636,7 @@ class PipelineModule:
         senders = self.wiring.output_stages()
         while not self._stopping.is_set():
             try:
-                frames = self._pull.recv_multipart(copy=False)
+                frames = recv_frames(self._pull)
             except zmq.Again:
                 continue
             try:

@@ -55,6 +55,7 @@ import numpy as np
 import zmq
 
 from tvmpipe.proto.errors import ProtocolError
+from tvmpipe.proto.frames import NOBLOCK, recv_frames, send_frames
 from tvmpipe.proto.messages import (
     MAX_FRAME_BYTES,
     MAX_HEADER_BYTES,
@@ -202,6 +203,7 @@ class Stage:
         self._wake_in: zmq.Socket[Any] | None = None  # the compute thread's end
         self._wake_out: zmq.Socket[Any] | None = None  # the receive thread's end
         self._ahead_poller: zmq.Poller | None = None  # the receive thread's, for one sender
+        self._own_poller: zmq.Poller | None = None  # the compute thread's, for one sender
         self._first_part: dict[int, float] = {}  # seq -> when its first part came (joins)
         self._started_at = time.perf_counter()
         self._trace: collections.deque[dict[str, float]] | None = None  # done, when tracing
@@ -358,13 +360,14 @@ class Stage:
         ``_recv_lock``); ``wake``: a socket whose message ends the wait early."""
         if len(self._pulls) == 1 and wake is None:  # no poller, and no poll when one waits
             sender, pull = next(iter(self._pulls.items()))
-            try:
-                frames = pull.recv_multipart(copy=False, flags=zmq.NOBLOCK)
-            except zmq.Again:
+            if self._own_poller is None:
+                self._own_poller = zmq.Poller()
+                self._own_poller.register(pull, zmq.POLLIN)
+            if not self._own_poller.poll(0):  # cheaper than a refused recv's zmq.Again
                 self._queued_up = False
-                if not pull.poll(POLL_MS, zmq.POLLIN):
+                if not self._own_poller.poll(POLL_MS):
                     return None
-                frames = pull.recv_multipart(copy=False)
+            frames = recv_frames(pull)
         elif len(self._pulls) == 1:  # the receive thread: its one sender or a wake-up
             sender, pull = next(iter(self._pulls.items()))
             if self._ahead_poller is None:
@@ -375,7 +378,7 @@ class Stage:
                 return None
             if not self._computing_now.is_set():  # it came after the computation: not ahead
                 return None
-            frames = pull.recv_multipart(copy=False)
+            frames = recv_frames(pull)
         else:
             with self._lock:
                 readable = self._joins.readable()
@@ -393,7 +396,7 @@ class Stage:
             if wake is not None and not self._computing_now.is_set():
                 return None  # it came after the computation: the compute thread takes it
             sender = next(n for n in readable if self._pulls[n] in ready)
-            frames = self._pulls[sender].recv_multipart(copy=False)
+            frames = recv_frames(self._pulls[sender])
         try:
             resolved = self._inbox.resolve(frames)
             size = frames_bytes(resolved)
@@ -638,7 +641,7 @@ class Stage:
             push = self._socket(name, size)
             frames = self._wrap(name, frames)
             try:
-                push.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                send_frames(push, frames, NOBLOCK)
             except zmq.Again:
                 self._unsent(name)
                 return names[index:]
@@ -706,7 +709,7 @@ class Stage:
         push = self._socket(name, size)
         wrapped = self._wrap(name, frames)
         try:  # the common case: room in the queue, no poll needed
-            push.send_multipart(wrapped, copy=False, flags=zmq.NOBLOCK)
+            send_frames(push, wrapped, NOBLOCK)
             return True
         except zmq.Again:
             pass
@@ -719,7 +722,7 @@ class Stage:
                     push = self._socket(name, size)
                     wrapped = self._wrap(name, frames)
                 if push.poll(POLL_MS, zmq.POLLOUT):
-                    push.send_multipart(wrapped, copy=False)
+                    send_frames(push, wrapped)
                     return True
             self._unsent(name)
             return False
