@@ -184,3 +184,31 @@ def test_a_lone_request_is_received_by_the_compute_thread(context: zmq.Context[A
     # The receive thread reads ahead only while the runner computes, and each input here comes
     # only after the result before it was sent: however slow the machine, none is read ahead.
     assert stats["received_ahead"] == 0 and not runner.prepared_by, stats
+
+
+def test_short_computations_are_not_read_ahead(context: zmq.Context[Any]) -> None:
+    """Inputs queue up at a stage whose computations are short: handing each one from the
+    receive thread to the compute thread would cost more than the overlap saves, so the compute
+    thread receives them itself, and every output still comes, in order. (On a busy machine a
+    computation preempted for 0.5 ms looks long, and a few inputs are read ahead after it.)"""
+    sink, sink_address = _sink(context)
+    runner = Slow(0.0)
+    stage = Stage("s", runner, "127.0.0.1")
+    count = 200
+    push = context.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    try:
+        dest = Destination("client", sink_address, ((0, "0"),))
+        push.connect(stage.start({"client": 4096}, [dest])["client"])
+        for seq in range(count):
+            push.send_multipart(encode(Message.data(seq, "client", {"x": np.full(4, seq, "f4")})))
+        got = [decode(sink.recv_multipart()) for _ in range(count)]
+        stats = stage.snapshot()
+    finally:
+        push.close(0)
+        stage.stop()
+        sink.close(0)
+    assert [m.seq for m in got] == list(range(count))
+    assert all(m.tensors["0"][0] == m.seq for m in got)
+    assert stats["received_ahead"] <= count // 10, stats
+    assert len(runner.prepared_by) == stats["received_ahead"], stats
