@@ -34,7 +34,9 @@ class TensorSpec:
         dtype = array.dtype
         text = _DTYPE_NAMES.get(dtype)
         if text is None:
-            text = _DTYPE_NAMES[dtype] = str(dtype)
+            text = str(dtype)
+            if len(_DTYPE_NAMES) < 256:  # a few in practice; never unbounded
+                _DTYPE_NAMES[dtype] = text
         return cls(name, text, array.shape)
 
     def describe(self) -> str:

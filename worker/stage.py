@@ -365,7 +365,7 @@ class Stage:
     def _receive(self, wake: zmq.Socket[Any] | None = None) -> tuple[int, int, Any] | None:
         """The next complete input set, or None after ``POLL_MS`` without one (holding
         ``_recv_lock``); ``wake``: a socket whose message ends the wait early."""
-        if len(self._pulls) == 1 and wake is None:  # no poller, and no poll when one waits
+        if len(self._pulls) == 1 and wake is None:  # the compute thread, one sender
             sender, pull = next(iter(self._pulls.items()))
             if self._own_poller is None:
                 self._own_poller = zmq.Poller()
