@@ -161,26 +161,39 @@ def test_the_next_input_is_received_while_the_current_one_computes(
     assert len(ready_early) >= count - 3, timeline
 
 
-def test_a_lone_request_is_received_by_the_compute_thread(context: zmq.Context[Any]) -> None:
-    """One input at a time: nothing queues up, so the receive thread is never woken and the
-    input costs no thread hand-off."""
+def _through_fast_stage(
+    context: zmq.Context[Any], count: int, one_at_a_time: bool
+) -> tuple[list[Message], dict[str, Any], Slow]:
+    """``count`` inputs through a stage that computes nothing: each one after the result
+    before it, or all at once; the outputs in arrival order, the stage's stats, its runner."""
     sink, sink_address = _sink(context)
     runner = Slow(0.0)
     stage = Stage("s", runner, "127.0.0.1")
-    requests = 40
     push = context.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 0)
+    got: list[Message] = []
     try:
         dest = Destination("client", sink_address, ((0, "0"),))
         push.connect(stage.start({"client": 4096}, [dest])["client"])
-        for seq in range(requests):
+        for seq in range(count):
             push.send_multipart(encode(Message.data(seq, "client", {"x": np.full(4, seq, "f4")})))
-            assert decode(sink.recv_multipart()).tensors["0"][0] == seq
+            if one_at_a_time:
+                got.append(decode(sink.recv_multipart()))
+        got += [decode(sink.recv_multipart()) for _ in range(count - len(got))]
         stats = stage.snapshot()
     finally:
         push.close(0)
         stage.stop()
         sink.close(0)
+    assert [m.seq for m in got] == list(range(count))
+    assert all(m.tensors["0"][0] == m.seq for m in got)
+    return got, stats, runner
+
+
+def test_a_lone_request_is_received_by_the_compute_thread(context: zmq.Context[Any]) -> None:
+    """One input at a time: nothing queues up, so the receive thread is never woken and the
+    input costs no thread hand-off."""
+    _, stats, runner = _through_fast_stage(context, 40, one_at_a_time=True)
     # The receive thread reads ahead only while the runner computes, and each input here comes
     # only after the result before it was sent: however slow the machine, none is read ahead.
     assert stats["received_ahead"] == 0 and not runner.prepared_by, stats
@@ -191,24 +204,7 @@ def test_short_computations_are_not_read_ahead(context: zmq.Context[Any]) -> Non
     receive thread to the compute thread would cost more than the overlap saves, so the compute
     thread receives them itself, and every output still comes, in order. (On a busy machine a
     computation preempted for 0.5 ms looks long, and a few inputs are read ahead after it.)"""
-    sink, sink_address = _sink(context)
-    runner = Slow(0.0)
-    stage = Stage("s", runner, "127.0.0.1")
     count = 200
-    push = context.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 0)
-    try:
-        dest = Destination("client", sink_address, ((0, "0"),))
-        push.connect(stage.start({"client": 4096}, [dest])["client"])
-        for seq in range(count):
-            push.send_multipart(encode(Message.data(seq, "client", {"x": np.full(4, seq, "f4")})))
-        got = [decode(sink.recv_multipart()) for _ in range(count)]
-        stats = stage.snapshot()
-    finally:
-        push.close(0)
-        stage.stop()
-        sink.close(0)
-    assert [m.seq for m in got] == list(range(count))
-    assert all(m.tensors["0"][0] == m.seq for m in got)
+    _, stats, runner = _through_fast_stage(context, count, one_at_a_time=False)
     assert stats["received_ahead"] <= count // 10, stats
     assert len(runner.prepared_by) == stats["received_ahead"], stats
