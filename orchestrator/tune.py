@@ -72,6 +72,10 @@ KIND_FILE = "kind.json"
 # Tuned by ``make tune`` on the development machine, for ``make demo`` and ``tvmpipe bench``.
 SHIPPED_DATABASE = Path(__file__).parent / "tuning_db"
 _FILES = ("database_workload.json", "database_tuning_record.json")
+# Workloads whose search ran dry (MetaSchedule stopped short of the trials it was allowed: a
+# workload with one or a few possible schedules) and the budget they ran dry under: a run with
+# no larger budget skips them, where it would search them again for a minute or two each.
+DRY_FILE = "exhausted.json"
 TRIALS_PER_BATCH = 32  # records reach the JSON file batch by batch: what an interrupt can lose
 RUN_TIMEOUT_S = 60.0
 BUILD_TIMEOUT_S = 60.0  # one candidate; a normal one builds in about a second
@@ -325,7 +329,12 @@ def _tune_kind(
         )
         for c, n in zip(contexts, before, strict=True)
     ]
-    todo = [i for i in _heaviest(results, weights, top) if before[i] < trials]
+    dry = _read_dry(directory)
+    todo = [
+        i
+        for i in _heaviest(results, weights, top)
+        if before[i] < trials and dry.get(results[i].workload, 0) < trials
+    ]
     if not todo:
         return results
     total = sum(trials - before[i] for i in todo)
@@ -360,6 +369,9 @@ def _tune_kind(
             result.best_s = _best(database, context.mod)
             if interrupted():
                 raise KeyboardInterrupt  # what was measured is in the database already
+            if result.trials_run < left:  # the search found nothing more to measure
+                dry[result.workload] = trials
+                (directory / DRY_FILE).write_text(json.dumps(dry, indent=2) + "\n")
     return results
 
 
@@ -526,6 +538,17 @@ def _contexts(
             seen.setdefault(key, context)
             weights[key] = weights.get(key, 0.0) + float(weight)
     return list(seen.values()), [weights[k] for k in seen]
+
+
+def _read_dry(directory: Path) -> dict[str, int]:
+    """DRY_FILE's workloads (structural hash, hex) and budgets; empty if there is none yet."""
+    try:
+        data = json.loads((directory / DRY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {str(k): int(v) for k, v in data.items() if isinstance(v, int)}
 
 
 def _workload_hash(mod: tvm.IRModule) -> int:

@@ -270,3 +270,28 @@ def test_a_target_gets_its_own_backends_intrinsics() -> None:
         [sys.executable, "-c", INTRINSICS_CHECK], capture_output=True, text=True, timeout=50
     )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_a_workload_whose_search_ran_dry_is_not_searched_again(tmp_path: Path) -> None:
+    """A lone relu has one possible schedule: MetaSchedule measures it and stops short of the
+    budget. The database remembers that, so a second run with the same budget skips it (it
+    used to search it again each time, a minute or two per such workload of a real model)."""
+    from tvm import relax
+
+    from tvmpipe.orchestrator.tune import DRY_FILE
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([8, 16], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.relu(x))
+        bb.emit_func_output(out)
+    mod, budget = bb.get(), 4
+    with leaks.checked():
+        (first,) = tune_pipeline(mod, tmp_path, trials=budget, target=TARGET, progress=False)
+        (second,) = tune_pipeline(mod, tmp_path, trials=budget, target=TARGET, progress=False)
+    assert 0 < first.trials_run < budget, first
+    (kind,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert json.loads((kind / DRY_FILE).read_text()) == {first.workload: budget}
+    assert second.trials_run == 0 and second.trials_before == first.trials_run, second
+    assert second.best_s is not None and second.best_s > 0
