@@ -80,11 +80,13 @@ QUEUE_DEPTH = 4  # outputs waiting to be sent
 QUEUE_BYTES = 64 << 20  # all that a stage buffers: sockets, partial sets and send queue
 HWM = 16  # the most ZeroMQ messages a socket buffers, however small
 INLINE_SEND_BYTES = 64 << 10  # larger outputs go through the send thread: see _hand_on
-# Read ahead only for computations this long (a moving average): handing an input from the
-# receive thread to the compute thread costs both threads a wake-up, and for a short one that
-# costs more than the overlap saves (identity stages on a 2-core VM: 4 KiB streams 37 % and
-# 1 MiB streams 15 % faster without it).
+# Read ahead only for computations this long: handing an input from the receive thread to the
+# compute thread costs both threads a wake-up, and for a short one that costs more than the
+# overlap saves (identity stages on a 2-core VM: 4 KiB streams 37 % and 1 MiB streams 15 %
+# faster without it). The shortest of the last RECENT_COMPUTATIONS counts: a computation that
+# the machine preempted looks long, never short.
 READ_AHEAD_MIN_S = 0.5e-3
+RECENT_COMPUTATIONS = 8
 UNKNOWN_SIZE_HWM = 2  # from a sender whose tensors' sizes are not known (a Python stage's)
 LINGER_MS = 1000
 SAMPLES = 4096  # service times kept for the mean and p99
@@ -206,7 +208,7 @@ class Stage:
         self._ahead_changed = threading.Condition()
         self._computing_now = threading.Event()  # the receive thread's cue to read ahead
         self._queued_up = False  # the last input set was there before it was asked for
-        self._service_avg = READ_AHEAD_MIN_S  # seconds per computation, a moving average
+        self._recent: collections.deque[float] = collections.deque(maxlen=RECENT_COMPUTATIONS)
         self._wake_in: zmq.Socket[Any] | None = None  # the compute thread's end
         self._wake_out: zmq.Socket[Any] | None = None  # the receive thread's end
         self._ahead_poller: zmq.Poller | None = None  # the receive thread's, for one sender
@@ -507,7 +509,7 @@ class Stage:
             self._mark(seq, "start")
             started = time.perf_counter()
             self._computing = seq
-            if self._queued_up and self._service_avg >= READ_AHEAD_MIN_S:
+            if self._queued_up and min(self._recent, default=READ_AHEAD_MIN_S) >= READ_AHEAD_MIN_S:
                 self._computing_now.set()
             try:
                 result: Any = self.runner(payload, owned=True)
@@ -518,7 +520,7 @@ class Stage:
             del payload
             self._computing = None
             elapsed = time.perf_counter() - started
-            self._service_avg += 0.2 * (elapsed - self._service_avg)
+            self._recent.append(elapsed)
             self._mark(seq, "end")
             with self._lock:
                 self.stats.service_times.append(elapsed)
