@@ -304,13 +304,19 @@ def test_a_stage_on_a_quota_board_is_timed_at_full_speed(
     times: dict[str, float] = {}
     quotas: dict[str, Any] = {}
     try:
-        for key in ("free", "slow"):
-            session = request_from_tracker(_probe(key), boards.tracker, key)
-            try:
-                quotas[key] = quota_of(measure_memory(session.rpc))
-                times[key] = measure_compute(lib, session.rpc, quota=quotas[key])[0]
-            finally:
-                session.close(stop=False)
+        # A busy moment beside other tests can double one board's time (CI once read the free
+        # board at 97 ms against 50): each board keeps its best of up to three rounds.
+        for _ in range(3):
+            for key in ("free", "slow"):
+                session = request_from_tracker(_probe(key), boards.tracker, key)
+                try:
+                    quotas[key] = quota_of(measure_memory(session.rpc))
+                    took = measure_compute(lib, session.rpc, quota=quotas[key])[0]
+                finally:
+                    session.close(stop=False)
+                times[key] = min(took, times.get(key, took))
+            if 0.6 < times["slow"] / times["free"] < 1.6:
+                break
     finally:
         lib.close()
     text = f"free board {times['free'] * 1e3:.2f} ms, 0.4-core board {times['slow'] * 1e3:.2f} ms"
@@ -318,5 +324,5 @@ def test_a_stage_on_a_quota_board_is_timed_at_full_speed(
     assert quotas["free"] is None
     assert quotas["slow"] == pytest.approx((SLOW_CPU, 0.01))
     assert times["slow"] > quotas["slow"][0] * quotas["slow"][1], "not longer than the share"
-    # Beside other tests the two can differ by a busy moment, never by the quota's 2.5x.
+    # Their best can differ by a busy moment, never by the quota's 2.5x.
     assert 0.6 < times["slow"] / times["free"] < 1.6, text
