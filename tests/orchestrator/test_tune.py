@@ -14,6 +14,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import leaks  # tests/leaks.py (pytest puts tests/ on the path)
 import numpy as np
@@ -159,10 +160,12 @@ def test_applying_keeps_metaschedules_choice_and_skips_failed_runs(
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
+    from tvmpipe.orchestrator.tune import _pack_weights, _prepare
+
     kind_dir = tuned["database"] / kind_id(TARGET)
     copy = tmp_path / "kind"
     copy.mkdir()
-    for name in ("database_workload.json", "database_tuning_record.json"):
+    for name in ("database_workload.json", "database_tuning_record.json", KIND_FILE):
         (copy / name).write_bytes((kind_dir / name).read_bytes())
     records = (copy / "database_tuning_record.json").read_text().splitlines()
     workload, (trace, _, *rest) = json.loads(records[0])
@@ -170,7 +173,8 @@ def test_applying_keeps_metaschedules_choice_and_skips_failed_runs(
     (copy / "database_tuning_record.json").write_text("\n".join([failed, *records]) + "\n")
     mod, target = matmul_relu(tuned), tvm.target.Target(TARGET)
     with target, ms.database.JSONDatabase(work_dir=str(copy), allow_missing=False):
-        expected = relax.transform.MetaScheduleApplyDatabase()(relax.pipeline.zero_pipeline()(mod))
+        chosen = relax.transform.MetaScheduleApplyDatabase()(_prepare(mod, target, prepack=True))
+    expected = _pack_weights(chosen, target)
     tvm.ir.assert_structural_equal(apply_database(mod, TARGET, copy), expected)
     tvm.ir.assert_structural_equal(apply_database(mod, TARGET, kind_dir), expected)
     (copy / "database_tuning_record.json").write_text(failed + "\n")  # only a failure left
@@ -295,3 +299,50 @@ def test_a_workload_whose_search_ran_dry_is_not_searched_again(tmp_path: Path) -
     assert json.loads((kind / DRY_FILE).read_text()) == {first.workload: budget}
     assert second.trials_run == 0 and second.trials_before == first.trials_run, second
     assert second.best_s is not None and second.best_s > 0
+
+
+def test_weights_are_repacked_once_at_build_and_an_older_kind_keeps_its_layout(
+    tuned: dict, tmp_path: Path
+) -> None:
+    """A new CPU kind is tuned with constant weights free to take the layout each schedule
+    wants: the build repacks them once, so no repacking is left to run per input. A kind made
+    before that (kind.json without the field) stays as it was tuned, so its records still
+    apply and nothing builds untuned."""
+    from tvmpipe.orchestrator.tune import LAYOUT_FREE, PREPACK_FIELD, untuned_workloads
+
+    new_kind = tuned["database"] / kind_id(TARGET)
+    assert read_kind(new_kind)[PREPACK_FIELD] is True
+    applied = apply_database(matmul_relu(tuned), TARGET, new_kind)
+    functions = [f for _, f in applied.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    # One function, scheduled, reading its weight packed: the repacking ran at build time, so
+    # main holds the weight in another layout (the same values) and calls nothing else.
+    assert len(functions) == 1 and not untuned_workloads(applied)
+    (weight,) = _constants(applied)
+    assert weight.shape != WEIGHT.shape, "the weight was not repacked"
+    np.testing.assert_array_equal(np.sort(weight, axis=None), np.sort(WEIGHT, axis=None))
+
+    old = tmp_path / "db"
+    (old / kind_id(TARGET)).mkdir(parents=True)
+    (old / kind_id(TARGET) / KIND_FILE).write_text(json.dumps({"trials_per_workload": 0}))
+    with leaks.checked():
+        tune_pipeline(matmul_relu(tuned), old, trials=1, target=TARGET, progress=False)
+    assert read_kind(old / kind_id(TARGET))[PREPACK_FIELD] is False
+    applied = apply_database(matmul_relu(tuned), TARGET, old / kind_id(TARGET))
+    assert not untuned_workloads(applied)
+    functions = [f for _, f in applied.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert [f.attrs.get(LAYOUT_FREE) for f in functions] == [None]
+    assert any(np.array_equal(c, WEIGHT) for c in _constants(applied))
+
+
+def _constants(mod: tvm.IRModule) -> list[np.ndarray]:
+    """The values of the tensor constants in ``mod``'s main."""
+    from tvm import relax
+
+    found: list[np.ndarray] = []
+
+    def visit(expr: Any) -> None:
+        if isinstance(expr, tvm.ir.expr.GenericConst) and hasattr(expr.value, "numpy"):
+            found.append(expr.value.numpy())
+
+    relax.analysis.post_order_visit(mod["main"], visit)
+    return found
