@@ -346,3 +346,43 @@ def _constants(mod: tvm.IRModule) -> list[np.ndarray]:
 
     relax.analysis.post_order_visit(mod["main"], visit)
     return found
+
+
+def test_a_stage_whose_weights_come_at_run_time_computes_with_each_weight(tmp_path: Path) -> None:
+    """A parameter group's weight is an argument, not a constant, so nothing can repack it at
+    build time: a prepacked schedule repacks it on each call, and a weight set later is the
+    one used (nothing of the tuning-time weight is baked in)."""
+    from tvm import relax
+
+    from tvmpipe.orchestrator import PipelineModuleConfig
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([8, 16], "float32"))
+    w = relax.Var("w", relax.TensorType([16, 16], "float32"))
+    with bb.function("main", [x, w], attrs={"num_input": 1}):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.nn.relu(relax.op.matmul(x, w)))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    cfg = PipelineModuleConfig()
+    cfg.inputs["x"] = (mod, "x")
+    cfg.outputs.append((mod, 0))
+    cfg[mod].target = TARGET
+    cfg[mod].params = {"w": WEIGHT}
+    cfg.param_groups["g"] = mod
+    with leaks.checked():
+        tune_pipeline(cfg, tmp_path, trials=1, progress=False)
+    assert read_kind(tmp_path / kind_id(TARGET))["weight_prepack"] is True
+    x_value = np.random.default_rng(3).standard_normal((8, 16)).astype("float32")
+    other = np.random.default_rng(4).standard_normal((16, 16)).astype("float32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntunedWorkloadWarning)  # the tuned schedule is used
+        lib = build_pipeline(cfg, progress=False, database=tmp_path)
+    try:
+        runner = lib.runner(lib.stages[0])
+        np.testing.assert_allclose(lib.run_local({"x": x_value})[0], reference(x_value), 1e-5)
+        runner.set_params({"w": other})
+        expected = np.maximum(x_value @ other, 0)
+        np.testing.assert_allclose(lib.run_local({"x": x_value})[0], expected, 1e-5, 1e-5)
+    finally:
+        lib.close()
