@@ -78,8 +78,8 @@ _FILES = ("database_workload.json", "database_tuning_record.json")
 # no larger budget skips them, where it would search them again for a minute or two each.
 DRY_FILE = "exhausted.json"
 # kind.json: tuned with constant weights free to take the layout each schedule wants (the
-# schedule reads them packed in tiles; the build repacks them once). Conv-heavy models on x86
-# run 1.5-2x faster at the same trials. New kinds on CPUs (llvm) get it; a kind keeps its own.
+# schedule reads them packed in tiles; the build repacks them once): SqueezeNet on a Zen 3 VM
+# ran in 26.6 ms against 36.6 at the same budgets. New llvm kinds get it; a kind keeps its own.
 PREPACK_FIELD = "weight_prepack"
 LAYOUT_FREE = "layout_free_buffers"
 TRIALS_PER_BATCH = 32  # records reach the JSON file batch by batch: what an interrupt can lose
