@@ -213,7 +213,8 @@ def _mark_layout_free(mod: tvm.IRModule) -> tvm.IRModule:
     constant weight: those stay the workloads they were (a relu tuned before still applies)."""
     marked = relax.transform.AttachAttrLayoutFreeBuffers()(mod)
     for gv, func in marked.functions_items():
-        if isinstance(func, tvm.tirx.PrimFunc) and not len(func.attrs.get(LAYOUT_FREE, [0])):
+        marks = func.attrs.get(LAYOUT_FREE) if isinstance(func, tvm.tirx.PrimFunc) else None
+        if marks is not None and len(marks) == 0:
             marked[gv] = func.without_attr(LAYOUT_FREE)
     return marked
 
