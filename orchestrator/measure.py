@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import tvm
 import tvm_ffi
-import zmq
 from tvm import relax
 
 from tvmpipe.proto.errors import ConfigError, DeployError
+from tvmpipe.proto.security import CURVE, Keyring
 from tvmpipe.proto.version import PACKAGE_VERSION
 from tvmpipe.worker import probe
 
@@ -456,21 +456,28 @@ def measure_link(
 ) -> dict[str, Any]:
     """Latency and bandwidth of the ZeroMQ link from ``src`` to ``dst`` (RPC sessions to
     tvmpipe-workers; ``src=None``: from this controller). Times are taken by the sender.
-    ``security``: the data plane's mode (proto/security.py); where it would encrypt this link,
-    the probe does too.
+    ``security``: the data plane's mode (proto/security.py); the probe is secured as the data
+    plane would be on this link (encrypted where it would encrypt), and its sink admits only
+    this probe's sender.
 
     Returns ``{"latency_s", "rtt_s", "bandwidth_Bps", "bytes", "send_cpu_s",
-    "receive_cpu_s", "encrypted"}``: the CPU seconds each side's process spent on the bytes.
+    "receive_cpu_s", "encrypted", "refused"}``: the CPU seconds each side's process spent on
+    the bytes, and how many connections the sink turned away (someone else tried to talk on
+    the probe's socket).
     """
-    server_public, server_secret = (k.decode() for k in zmq.curve_keypair())
+    ring = Keyring.generate(security, [(probe.SENDER, probe.SINK)])
     sink_request = {
         "count": count,
         "timeout": timeout,
-        "security": security,
-        "curve_secret": server_secret,
+        "security": ring.share(probe.SINK, [probe.SENDER], []),
     }
     sink = json.loads(_call(dst, "tvmpipe.probe.sink", json.dumps(sink_request)))
-    encrypted = bool(sink.get("encrypted"))
+    if "mechanism" not in sink:
+        raise DeployError(
+            "the worker's link probe is older than this controller (it cannot authenticate the "
+            "probe): update tvmpipe on it"
+        )
+    encrypted = sink["mechanism"] == CURVE
     request = json.dumps(
         {
             "address": sink["address"],
@@ -478,7 +485,7 @@ def measure_link(
             "size": size,
             "pings": pings,
             "timeout": timeout,
-            **({"curve_server": server_public} if encrypted else {}),
+            "security": ring.share(probe.SENDER, [], [probe.SINK]),
         }
     )
     try:
@@ -495,6 +502,7 @@ def measure_link(
     found["send_cpu_s"] = float(sent.get("send_cpu_s", 0.0))  # older workers: unknown
     found["receive_cpu_s"] = float(received.get("receive_cpu_s", 0.0))
     found["encrypted"] = encrypted
+    found["refused"] = int(received.get("refused", 0))
     return found
 
 
@@ -504,7 +512,7 @@ def measure_links(
     """Every link stages may use: each ordered pair of workers, and the controller to each.
 
     ``sessions`` maps a worker name to its RPC session; each entry of the result is
-    ``{"src", "dst", "latency_s", "rtt_s", "bandwidth_Bps", "bytes"}`` (src "controller").
+    ``{"src", "dst", **measure_link's answer}`` (src "controller").
     """
     links = []
     for dst, dst_session in sessions.items():
@@ -515,7 +523,8 @@ def measure_links(
             _say(
                 progress,
                 f"link {src} -> {dst}: {link['latency_s'] * 1e6:.0f} us, "
-                f"{link['bandwidth_Bps'] / 1e6:.0f} MB/s",
+                f"{link['bandwidth_Bps'] / 1e6:.0f} MB/s"
+                + (f", {link['refused']} outside connections refused" if link["refused"] else ""),
             )
     return links
 

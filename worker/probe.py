@@ -11,8 +11,13 @@ another worker or in the controller) connects a DEALER and:
 
 Both sides also count the CPU time their process spent moving the bytes (ZeroMQ's I/O thread
 included): on a board with a CPU quota, the data plane's CPU comes out of the stage's share.
-With ``curve_secret`` the sink encrypts (CURVE) where the data plane's ``security`` mode would
-at its address (``"encrypted"`` in its answer); the sender then gets ``curve_server``.
+
+A probe is secured like the data plane it stands for (proto/security.py): the controller makes a
+keyring of two parties, ``probe-sender`` and ``probe-sink``, and gives each its share in the
+request (``security``). The sink admits only the sender, with the mechanism the data plane would
+use at its address (CURVE encrypts, PLAIN on loopback only authenticates), so that an outsider
+can neither skew the figures nor end a probe early; it reports the mechanism and how many
+connections it refused.
 
 Every wait is bounded by ``timeout``; sockets close and contexts end in ``finally``.
 """
@@ -31,13 +36,14 @@ from typing import Any
 import psutil
 import zmq
 
-from tvmpipe.proto.security import CURVE, mechanism
+from tvmpipe.proto.security import CURVE, Guard
 
 PING = b"p"
 DATA = b"d"
 ACK = b"a"
 PING_BYTES = 64
 ACK_LINGER_MS = 1000  # the sink's ack must leave before its socket closes
+SENDER, SINK = "probe-sender", "probe-sink"  # the two parties of a probe's keyring
 
 _sinks: dict[str, tuple[threading.Thread, dict[str, Any]]] = {}
 
@@ -50,41 +56,54 @@ def _hosts() -> tuple[str, str]:
 
 
 def sink(request_json: str) -> str:
-    """Bind a ROUTER, answer one sender in a thread; returns ``{"id", "address"}``."""
+    """Bind a ROUTER that admits only the request's sender, answer it in a thread; returns
+    ``{"id", "address", "mechanism", "encrypted"}``."""
     request = json.loads(request_json)
     count, timeout = int(request["count"]), float(request.get("timeout", 10.0))
+    share = request.get("security")
+    if not isinstance(share, dict):
+        raise ValueError("the probe request has no security share: the controller is older")
     bind_host, advertise_host = _hosts()
     context = zmq.Context()
+    guard = Guard(context, share)
     sock = context.socket(zmq.ROUTER)
     try:
         sock.setsockopt(zmq.LINGER, ACK_LINGER_MS)
         address = f"tcp://{advertise_host}"
-        encrypted = bool(request.get("curve_secret")) and (
-            mechanism(str(request.get("security", "auto")), address) == CURVE
-        )
-        if encrypted:
-            sock.curve_server = True
-            sock.curve_secretkey = str(request["curve_secret"]).encode()
+        mech = guard.serve(sock, [SENDER], address)
         port = sock.bind_to_random_port(f"tcp://{bind_host}")
     except BaseException:
         sock.close(0)
+        guard.close()
         context.term()
         raise
     stats: dict[str, Any] = {"messages": 0, "bytes": 0, "pings": 0, "done": False}
     thread = threading.Thread(
         target=_serve_sink,
-        args=(context, sock, count, time.monotonic() + timeout, stats),
+        args=(context, guard, sock, count, time.monotonic() + timeout, stats),
         name="tvmpipe-probe-sink",
         daemon=True,
     )
     probe_id = uuid.uuid4().hex
     _sinks[probe_id] = (thread, stats)
     thread.start()
-    return json.dumps({"id": probe_id, "address": f"{address}:{port}", "encrypted": encrypted})
+    return json.dumps(
+        {
+            "id": probe_id,
+            "address": f"{address}:{port}",
+            "mechanism": mech,
+            "encrypted": mech == CURVE,
+        }
+    )
 
 
 def _serve_sink(
-    context: zmq.Context, sock: zmq.Socket, count: int, deadline: float, stats: dict[str, Any]
+    context: zmq.Context,
+    guard: Guard,
+    sock: zmq.Socket,
+    count: int,
+    deadline: float,
+    stats: dict[str, Any],
 ) -> None:
     try:
         while time.monotonic() < deadline:
@@ -110,7 +129,9 @@ def _serve_sink(
     except Exception as exc:  # reported by result(); the thread must not die silently
         stats["error"] = f"{type(exc).__name__}: {exc}"
     finally:
+        stats["refused"] = guard.refused()
         sock.close()
+        guard.close()
         context.term()
 
 
@@ -137,9 +158,7 @@ def send(request_json: str) -> str:
     sock = context.socket(zmq.DEALER)
     try:
         sock.setsockopt(zmq.LINGER, 0)
-        if request.get("curve_server"):
-            sock.curve_serverkey = str(request["curve_server"]).encode()
-            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+        Guard(context, request.get("security")).present(sock, SINK, str(request["address"]))
         sock.connect(str(request["address"]))
         ping = PING + bytes(PING_BYTES - 1)
         rtts = []

@@ -4,6 +4,7 @@ on real local workers through tvm.rpc, ZeroMQ links, memory, and the on-disk cac
 from __future__ import annotations
 
 import gc
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tvm
+import zmq
 from modules import _module, _var, old_tvm_test_modules, postprocess, unary_module
 from tvm import relax, rpc
 
@@ -28,6 +30,8 @@ from tvmpipe.orchestrator.measure import (
     static_profile,
 )
 from tvmpipe.proto.errors import ConfigError
+from tvmpipe.proto.security import REFUSED_EVENTS, Keyring
+from tvmpipe.worker import probe
 
 SHAPE = (32, 128)
 
@@ -133,6 +137,67 @@ def test_python_stages_cannot_be_timed() -> None:
             measure_compute(lib, Untouchable())
     finally:
         lib.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("security", ["auto", "encrypt"])
+def test_an_outsider_can_neither_skew_nor_end_a_link_probe(
+    sessions: list[Any], security: str
+) -> None:
+    """A probe's sink admits only the probe's own sender. Two outsiders, one without
+    credentials and one posing as the sender with a made-up token (a key pair when encrypted),
+    each send enough to end the probe before the sender starts: none of it may be counted."""
+    _, b = sessions
+    ring = Keyring.generate(security, [(probe.SENDER, probe.SINK)])
+    count, size = 4, 1 << 16
+    sink_request = {
+        "count": count,
+        "timeout": 30,
+        "security": ring.share(probe.SINK, [probe.SENDER], []),
+    }
+    sink = json.loads(b.get_function("tvmpipe.probe.sink")(json.dumps(sink_request)))
+    assert sink["encrypted"] == (security == "encrypt")
+    context = zmq.Context()
+    sockets = []
+    try:
+        for posing in (False, True):
+            sock = context.socket(zmq.DEALER)
+            sock.linger = 0
+            monitor = sock.get_monitor_socket(REFUSED_EVENTS)
+            sockets += [sock, monitor]
+            if posing and security == "encrypt":
+                sock.curve_serverkey = ring.parties[probe.SINK].public.encode()
+                sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+            elif posing:
+                sock.plain_username, sock.plain_password = probe.SENDER.encode(), b"a guess"
+            sock.connect(sink["address"])
+            for _ in range(count):
+                sock.send(probe.DATA + bytes(size - 1))
+            assert monitor.poll(20_000), "the outsider's handshake neither failed nor ended"
+        sent = json.loads(
+            probe.send(
+                json.dumps(
+                    {
+                        "address": sink["address"],
+                        "count": count,
+                        "size": size,
+                        "pings": 3,
+                        "timeout": 30,
+                        "security": ring.share(probe.SENDER, [], [probe.SINK]),
+                    }
+                )
+            )
+        )
+    finally:
+        for sock in sockets:
+            sock.close(0)
+        context.term()
+    received = json.loads(
+        b.get_function("tvmpipe.probe.result")(json.dumps({"id": sink["id"], "timeout": 30}))
+    )
+    assert received["done"] and received["finished"], received
+    assert received["messages"] == count and received["bytes"] == count * size == sent["bytes"]
+    assert received["refused"] >= 2, received
 
 
 @pytest.mark.timeout(30)
