@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -173,7 +174,7 @@ def test_applying_keeps_metaschedules_choice_and_skips_failed_runs(
     (copy / "database_tuning_record.json").write_text("\n".join([failed, *records]) + "\n")
     mod, target = matmul_relu(tuned), tvm.target.Target(TARGET)
     with target, ms.database.JSONDatabase(work_dir=str(copy), allow_missing=False):
-        chosen = relax.transform.MetaScheduleApplyDatabase()(_prepare(mod, target, prepack=True))
+        chosen = relax.transform.MetaScheduleApplyDatabase()(_prepare(mod, target, read_kind(copy)))
     expected = _pack_weights(chosen, target)
     tvm.ir.assert_structural_equal(apply_database(mod, TARGET, copy), expected)
     tvm.ir.assert_structural_equal(apply_database(mod, TARGET, kind_dir), expected)
@@ -181,6 +182,42 @@ def test_applying_keeps_metaschedules_choice_and_skips_failed_runs(
     applied = apply_database(mod, TARGET, copy)
     scheduled = [f for _, f in applied.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert [f.attrs.get("tirx.is_scheduled") for f in scheduled] == [None]  # built untuned
+
+
+def test_a_resumed_search_is_guided_by_the_records_already_measured(
+    tuned: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cost model learns from the workload's records in the database before the search
+    resumes; it scores candidates (not at random) once it has seen COST_MODEL_WARMUP."""
+    pytest.importorskip("xgboost")
+    from tvm.s_tir import meta_schedule as ms
+
+    from tvmpipe.orchestrator import tune
+
+    kind_dir = tmp_path / "kind"
+    shutil.copytree(tuned["database"] / kind_id(TARGET), kind_dir)
+    target = tvm.target.Target(TARGET)
+    with tune._meta_schedule_logs(tmp_path):
+        (context,), _ = tune._contexts([matmul_relu(tuned)], target, kind_dir, 0, TRIALS)
+    records = ms.database.JSONDatabase(work_dir=str(kind_dir)).get_all_tuning_records()
+    assert len(records) == TRIALS
+    monkeypatch.setattr(tune, "COST_MODEL_WARMUP", TRIALS)
+    model = tune._cost_model(context, records)
+    assert model.data_size == TRIALS and model.booster is not None
+    candidates = [
+        ms.MeasureCandidate(s, ms.arg_info.ArgInfo.from_entry_func(s.mod, remove_preproc=True))
+        for s in (_replayed(context, r) for r in records)
+    ]
+    np.testing.assert_array_equal(
+        model.predict(context, candidates), model.predict(context, candidates)
+    )
+    assert tune._cost_model(context, []).data_size == 0  # nothing measured: random scores
+
+
+def _replayed(context: Any, record: Any) -> Any:
+    schedule = tvm.s_tir.Schedule(context.mod)
+    record.trace.apply_to_schedule(schedule, remove_postproc=False)
+    return schedule
 
 
 def test_a_stage_with_workloads_the_database_lacks_is_named(tuned: dict) -> None:
@@ -332,6 +369,67 @@ def test_weights_are_repacked_once_at_build_and_an_older_kind_keeps_its_layout(
     functions = [f for _, f in applied.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert [f.attrs.get(LAYOUT_FREE) for f in functions] == [None]
     assert any(np.array_equal(c, WEIGHT) for c in _constants(applied))
+
+
+CONV_WEIGHT = np.random.default_rng(3).standard_normal((16, 8, 3, 3)).astype("float32")
+
+
+def write_conv_dropout_relu(path: Path) -> Path:
+    """An ONNX file ``y = relu(dropout(conv3x3(x)))``, x of shape (1, 8, 10, 10), NCHW."""
+    onnx = pytest.importorskip("onnx")
+    helper = onnx.helper
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Dropout", ["c"], ["d"]),
+            helper.make_node("Relu", ["d"], ["y"]),
+        ],
+        "conv_dropout_relu",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 10, 10])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 16, 10, 10])],
+        [onnx.numpy_helper.from_array(CONV_WEIGHT, "w")],
+    )
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def conv_reference(x: np.ndarray) -> np.ndarray:
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))
+    return np.maximum(np.einsum("nchwij,ocij->nohw", windows, CONV_WEIGHT), 0)
+
+
+def test_a_new_cpu_kind_tunes_and_builds_convolutions_in_nhwc(tmp_path: Path) -> None:
+    """A new CPU kind records NHWC as its convolutions' layout: tuned and built so, with the
+    model's own NCHW at its input and output (a stage's tensors do not change), through the
+    dropout that TVM cannot convert layouts across. A kind without the field keeps NCHW."""
+    from tvmpipe.orchestrator.tune import _prepare, conv2d_layout, untuned_workloads
+
+    model = write_conv_dropout_relu(tmp_path / "conv.onnx")
+    database = tmp_path / "db"
+    with leaks.checked():
+        tune_pipeline(load_onnx_file(model), database, trials=1, target=TARGET, progress=False)
+    kind_dir = database / kind_id(TARGET)
+    assert conv2d_layout(kind_dir) == "NHWC"
+    applied = apply_database(load_onnx_file(model), TARGET, kind_dir)
+    assert not untuned_workloads(applied)
+    assert "R.Tensor((1, 10, 10, 16)" in applied.script()  # the convolution's output, NHWC
+    cfg = split_module(load_onnx_file(model), [])
+    for module in cfg.modules:
+        cfg[module].target = TARGET
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntunedWorkloadWarning)
+        lib = build_pipeline(cfg, progress=False, database=database)
+    try:
+        x = np.random.default_rng(4).standard_normal((1, 8, 10, 10)).astype("float32")
+        (y,) = lib.run_local({"x": x})
+        assert y.shape == (1, 16, 10, 10)
+        np.testing.assert_allclose(y, conv_reference(x), rtol=1e-4, atol=1e-4)
+    finally:
+        lib.close()
+    older = _prepare(load_onnx_file(model), tvm.target.Target(TARGET), {})
+    assert "R.Tensor((1, 16, 10, 10)" in older.script()
+    assert "R.Tensor((1, 10, 10, 16)" not in older.script()
 
 
 def _constants(mod: tvm.IRModule) -> list[np.ndarray]:
