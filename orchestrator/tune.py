@@ -414,7 +414,8 @@ def _tune_kind(
     records in its database."""
     _, target, device, key, server = members[0]
     directory.mkdir(exist_ok=True)
-    _write_kind(directory, target, device, key, _where(tracker, key, server), trials, top)
+    where = _where(tracker, key, server)
+    _write_kind(directory, target, device, key, where, trials, top, finished=False)
     contexts, weights = _contexts([m for m, *_ in members], target, directory, seed, trials)
     database = ms.database.JSONDatabase(work_dir=str(directory))
     done: dict[int, list[Any]] = {}
@@ -435,6 +436,7 @@ def _tune_kind(
         if before[i] < trials and dry.get(results[i].workload, 0) < trials
     ]
     if not todo:
+        _write_kind(directory, target, device, key, where, trials, top, finished=True)
         return results
     total = sum(trials - before[i] for i in todo)
     with (
@@ -471,6 +473,7 @@ def _tune_kind(
             if result.trials_run < left:  # the search found nothing more to measure
                 dry[result.workload] = trials
                 (directory / DRY_FILE).write_text(json.dumps(dry, indent=2) + "\n")
+    _write_kind(directory, target, device, key, where, trials, top, finished=True)
     return results
 
 
@@ -524,16 +527,19 @@ def _write_kind(
     key: str,
     where: dict[str, Any],
     trials: int,
-    top: int | None = None,
+    top: int | None,
+    *,
+    finished: bool,
 ) -> None:
-    """What the kind is, where it was measured, the largest budget per workload asked of it so
-    far, and the latest for its heaviest workloads (``top``)."""
+    """What the kind is and where it was measured; once a pass has ``finished``, its budget:
+    the largest per workload so far, or the latest for the heaviest workloads (``top``). A
+    pass that was interrupted or failed leaves the budgets of the passes before it."""
     old = read_kind(directory) if (directory / KIND_FILE).is_file() else {}
     per_workload = int(old.get("trials_per_workload", 0))
     heaviest = old.get("heaviest")
-    if top is None:
+    if finished and top is None:
         per_workload = max(trials, per_workload)
-    else:  # the latest such pass: its workloads are the heaviest as of now
+    elif finished:  # the latest such pass: its workloads are the heaviest as of now
         heaviest = {"workloads": top, "trials": trials}
     data: dict[str, Any] = {
         "target": _target_json(target),

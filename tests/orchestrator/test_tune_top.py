@@ -79,3 +79,25 @@ def test_a_second_pass_tunes_only_the_heaviest(tmp_path: Path) -> None:
 def test_top_must_be_a_positive_count(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="top must be a positive int"):
         tune_pipeline(two_matmuls(), tmp_path / "db", trials=1, target=TARGET, top=0)
+
+
+def test_an_interrupted_pass_does_not_claim_its_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kind.json says what was tuned, not what was asked: a pass stopped by Ctrl-C (here at its
+    first search) leaves the budgets of the passes that finished."""
+    from tvm.s_tir import meta_schedule as ms
+
+    mod, database = two_matmuls(), tmp_path / "db"
+    with leaks.checked():
+        tune_pipeline(mod, database, trials=1, target=TARGET, progress=False)
+
+        def interrupted(**_: object) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(ms, "tune_tasks", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            tune_pipeline(mod, database, trials=2, target=TARGET, progress=False, top=1)
+    kind = read_kind(next(p for p in database.iterdir() if p.is_dir()))
+    assert kind["trials_per_workload"] == 1 and "heaviest" not in kind
+    assert budget_text(kind) == "1 trials per workload"
