@@ -689,6 +689,15 @@ def _cost_model(context: ms.TuneContext, records: Sequence[Any]) -> ms.cost_mode
     except ImportError:
         return ms.cost_model.RandomModel()
     model = ms.cost_model.XGBModel(num_warmup_samples=COST_MODEL_WARMUP)
+    candidates, results = _replayed(context, records)
+    if candidates:
+        model.update(context, candidates, results)
+    return model
+
+
+def _replayed(context: ms.TuneContext, records: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """The records' schedules, replayed on the context's workload, as measured candidates and
+    their results (what a cost model learns from)."""
     candidates, results = [], []
     for record in records:
         schedule = tvm.s_tir.Schedule(context.mod)
@@ -699,9 +708,7 @@ def _cost_model(context: ms.TuneContext, records: Sequence[Any]) -> ms.cost_mode
         arguments = ms.arg_info.ArgInfo.from_entry_func(schedule.mod, remove_preproc=True)
         candidates.append(ms.MeasureCandidate(schedule, arguments))
         results.append(ms.runner.RunnerResult([float(s) for s in record.run_secs or []], None))
-    if candidates:
-        model.update(context, candidates, results)
-    return model
+    return candidates, results
 
 
 @derived_object

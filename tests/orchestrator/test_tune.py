@@ -204,20 +204,11 @@ def test_a_resumed_search_is_guided_by_the_records_already_measured(
     monkeypatch.setattr(tune, "COST_MODEL_WARMUP", TRIALS)
     model = tune._cost_model(context, records)
     assert model.data_size == TRIALS and model.booster is not None
-    candidates = [
-        ms.MeasureCandidate(s, ms.arg_info.ArgInfo.from_entry_func(s.mod, remove_preproc=True))
-        for s in (_replayed(context, r) for r in records)
-    ]
+    candidates, _ = tune._replayed(context, records)
     np.testing.assert_array_equal(
         model.predict(context, candidates), model.predict(context, candidates)
     )
     assert tune._cost_model(context, []).data_size == 0  # nothing measured: random scores
-
-
-def _replayed(context: Any, record: Any) -> Any:
-    schedule = tvm.s_tir.Schedule(context.mod)
-    record.trace.apply_to_schedule(schedule, remove_postproc=False)
-    return schedule
 
 
 def test_a_stage_with_workloads_the_database_lacks_is_named(tuned: dict) -> None:
