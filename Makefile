@@ -41,17 +41,22 @@ bench: $(STAMP)
 
 # The tuning database make demo and comparison 7 build from (orchestrator/tuning_db/): SqueezeNet
 # and the 16 pieces the planner measures, measured on a loopback worker for this machine's CPU.
-# Two passes: every workload to TUNE_TRIALS MetaSchedule trials, then the TUNE_TOP workloads that
-# take the most time to TUNE_TOP_TRIALS, with XGBoost's cost model (the tune extra). Each pass
-# resumes where an interrupted one stopped; a finished one does no trials.
+# Three passes: every workload to TUNE_TRIALS MetaSchedule trials, then the TUNE_TOP workloads
+# that take the most time to TUNE_TOP_TRIALS, then the TUNE_HEAVIEST heaviest to
+# TUNE_HEAVIEST_TRIALS, with XGBoost's cost model (the tune extra). Each pass resumes where an
+# interrupted one stopped; a finished one does no trials.
 TUNE_TRIALS ?= 32
 TUNE_TOP ?= 8
 TUNE_TOP_TRIALS ?= 128
+TUNE_HEAVIEST ?= 1
+TUNE_HEAVIEST_TRIALS ?= 1024
 TUNE_ARGS = light_squeezenet --target host --segments 16 --database orchestrator/tuning_db
 tune: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[tune]"
 	nice -n 5 $(VENV)/bin/tvmpipe tune $(TUNE_ARGS) --trials $(TUNE_TRIALS)
 	nice -n 5 $(VENV)/bin/tvmpipe tune $(TUNE_ARGS) --trials $(TUNE_TOP_TRIALS) --top $(TUNE_TOP)
+	nice -n 5 $(VENV)/bin/tvmpipe tune $(TUNE_ARGS) --trials $(TUNE_HEAVIEST_TRIALS) \
+		--top $(TUNE_HEAVIEST)
 
 # Not part of `make test`: streams 100,000 inputs and checks that fds and memory stay flat.
 soak: $(STAMP)

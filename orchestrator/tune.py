@@ -50,6 +50,7 @@ from tvmpipe.proto.errors import ConfigError
 from .config import PipelineModuleConfig
 from .library import tvm_version
 from .progress import stage_progress
+from .rewrite import concat_as_copies, convert_layout
 from .signature import is_relax_module
 
 __all__ = [
@@ -90,7 +91,6 @@ LAYOUT_FREE = "layout_free_buffers"
 # kinds get it; a kind without the field keeps the model's layout.
 LAYOUT_FIELD = "conv2d_layout"
 NEW_CPU_LAYOUT = "NHWC"
-KERNEL_LAYOUTS = {"NHWC": "OHWI", "NCHW": "OIHW"}
 TRIALS_PER_BATCH = 32  # records reach the JSON file batch by batch: what an interrupt can lose
 # Measurements (from the database, then this run) before XGBoost's scores replace random ones
 COST_MODEL_WARMUP = TRIALS_PER_BATCH
@@ -210,49 +210,18 @@ def database_digest(directory: str | os.PathLike[str]) -> str:
 
 def _prepare(mod: tvm.IRModule, target: tvm.target.Target, kind: dict[str, Any]) -> tvm.IRModule:
     """Legalize and fuse, as MetaSchedule's task extraction and the database both expect, after
-    the kind's transforms (``kind.json``): convolutions in its ``conv2d_layout``, and with
+    the kind's transforms (``kind.json``): convolutions in its ``conv2d_layout`` (and there,
+    concatenations on the channels as copies: ``rewrite.concat_as_copies``), and with
     ``weight_prepack`` each workload's constant weights marked free to take the layout its
     schedule wants (which makes them part of the workload: another database entry)."""
     layout = kind.get(LAYOUT_FIELD)
     with target:
         if layout:
-            mod = _convert_layout(mod, str(layout))
+            mod = concat_as_copies(convert_layout(mod, str(layout)))
         prepared: tvm.IRModule = zero_pipeline()(mod)
         if kind.get(PREPACK_FIELD):
             prepared = _mark_layout_free(prepared)
     return prepared
-
-
-def _convert_layout(mod: tvm.IRModule, layout: str) -> tvm.IRModule:
-    """Every conv2d in ``layout``; the module's inputs and outputs keep theirs.
-
-    TVM cannot carry layouts through dropout's (output, mask) pair, so inference's dropout (the
-    identity) goes first. A model TVM still cannot convert keeps its own layout: tuning and
-    building both come here, so they agree on its workloads either way.
-    """
-    if layout not in KERNEL_LAYOUTS:
-        raise ConfigError(f"conv2d_layout must be one of {sorted(KERNEL_LAYOUTS)}, got {layout!r}")
-    mod = _without_dropout(mod)
-    convert = relax.transform.ConvertLayout({"relax.nn.conv2d": [layout, KERNEL_LAYOUTS[layout]]})
-    try:
-        converted: tvm.IRModule = convert(mod)
-    except tvm.error.InternalError:
-        return mod
-    return converted
-
-
-def _without_dropout(mod: tvm.IRModule) -> tvm.IRModule:
-    """``dropout(x)[0]`` is ``x`` at inference; the dropout goes when its mask is unused."""
-    from tvm.relax.dpl import is_op, is_tuple_get_item, rewrite_call, wildcard
-
-    data = wildcard()
-    pattern = is_tuple_get_item(is_op("relax.nn.dropout")(data), 0)
-    result = mod.clone()
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewritten = rewrite_call(pattern, lambda _, matched: matched[data], func)
-            result[gv] = relax.analysis.remove_all_unused(rewritten)
-    return result
 
 
 def _mark_layout_free(mod: tvm.IRModule) -> tvm.IRModule:
@@ -532,15 +501,18 @@ def _write_kind(
     finished: bool,
 ) -> None:
     """What the kind is and where it was measured; once a pass has ``finished``, its budget:
-    the largest per workload so far, or the latest for the heaviest workloads (``top``). A
-    pass that was interrupted or failed leaves the budgets of the passes before it."""
+    the largest per workload so far, or for the ``top`` heaviest workloads the latest pass with
+    that ``top`` (``make tune`` gives the 8 heaviest one budget and the heaviest a larger one).
+    A pass that was interrupted or failed leaves the budgets of the passes before it."""
     old = read_kind(directory) if (directory / KIND_FILE).is_file() else {}
     per_workload = int(old.get("trials_per_workload", 0))
-    heaviest = old.get("heaviest")
+    heaviest = _heaviest_passes(old)
     if finished and top is None:
         per_workload = max(trials, per_workload)
-    elif finished:  # the latest such pass: its workloads are the heaviest as of now
-        heaviest = {"workloads": top, "trials": trials}
+    elif finished and top:  # the latest pass with this top: its heaviest as of now
+        heaviest = [p for p in heaviest if p["workloads"] != top]
+        heaviest.append({"workloads": top, "trials": trials})
+        heaviest.sort(key=lambda p: -p["workloads"])
     data: dict[str, Any] = {
         "target": _target_json(target),
         "device": device,
@@ -549,7 +521,7 @@ def _write_kind(
         "tvm": tvm_version(),
         "trials_per_workload": per_workload,
     }
-    if heaviest is not None:
+    if heaviest:
         data["heaviest"] = heaviest
     new_cpu_kind = not old and target.kind.name == "llvm"
     data[PREPACK_FIELD] = bool(old.get(PREPACK_FIELD, new_cpu_kind))
@@ -562,10 +534,18 @@ def _write_kind(
 def budget_text(kind: dict[str, Any]) -> str:
     """A kind's tuning budget in words, from its kind.json (``read_kind``)."""
     text = f"{kind.get('trials_per_workload', '?')} trials per workload"
-    heaviest = kind.get("heaviest")
-    if heaviest:
-        text += f", {heaviest['trials']} for the {heaviest['workloads']} heaviest"
+    for heavy in _heaviest_passes(kind):
+        which = f"the {heavy['workloads']} heaviest" if heavy["workloads"] > 1 else "the heaviest"
+        text += f", {heavy['trials']} for {which}"
     return text
+
+
+def _heaviest_passes(kind: dict[str, Any]) -> list[dict[str, int]]:
+    """kind.json's ``heaviest``: a list of ``{"workloads", "trials"}``, most workloads first
+    (one such dict in kinds made before a second ``top`` pass existed)."""
+    heaviest = kind.get("heaviest") or []
+    passes = [heaviest] if isinstance(heaviest, dict) else list(heaviest)
+    return [{"workloads": int(p["workloads"]), "trials": int(p["trials"])} for p in passes]
 
 
 def _tuning_target(target: tvm.target.Target) -> tvm.target.Target:

@@ -366,18 +366,20 @@ CONV_WEIGHT = np.random.default_rng(3).standard_normal((16, 8, 3, 3)).astype("fl
 
 
 def write_conv_dropout_relu(path: Path) -> Path:
-    """An ONNX file ``y = relu(dropout(conv3x3(x)))``, x of shape (1, 8, 10, 10), NCHW."""
+    """An ONNX file ``r = relu(dropout(conv3x3(x)))``, ``y = concat(r, r)`` on channels, x of
+    shape (1, 8, 10, 10), NCHW."""
     onnx = pytest.importorskip("onnx")
     helper = onnx.helper
     graph = helper.make_graph(
         [
             helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
             helper.make_node("Dropout", ["c"], ["d"]),
-            helper.make_node("Relu", ["d"], ["y"]),
+            helper.make_node("Relu", ["d"], ["r"]),
+            helper.make_node("Concat", ["r", "r"], ["y"], axis=1),
         ],
         "conv_dropout_relu",
         [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 8, 10, 10])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 16, 10, 10])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 32, 10, 10])],
         [onnx.numpy_helper.from_array(CONV_WEIGHT, "w")],
     )
     onnx.save(helper.make_model(graph), str(path))
@@ -387,13 +389,15 @@ def write_conv_dropout_relu(path: Path) -> Path:
 def conv_reference(x: np.ndarray) -> np.ndarray:
     padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
     windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))
-    return np.maximum(np.einsum("nchwij,ocij->nohw", windows, CONV_WEIGHT), 0)
+    relu = np.maximum(np.einsum("nchwij,ocij->nohw", windows, CONV_WEIGHT), 0)
+    return np.concatenate([relu, relu], axis=1)
 
 
 def test_a_new_cpu_kind_tunes_and_builds_convolutions_in_nhwc(tmp_path: Path) -> None:
     """A new CPU kind records NHWC as its convolutions' layout: tuned and built so, with the
     model's own NCHW at its input and output (a stage's tensors do not change), through the
-    dropout that TVM cannot convert layouts across. A kind without the field keeps NCHW."""
+    dropout that TVM cannot convert layouts across, and the concatenation on channels (the last
+    axis in NHWC) made of plain copies. A kind without the field keeps NCHW."""
     from tvmpipe.orchestrator.tune import _prepare, conv2d_layout, untuned_workloads
 
     model = write_conv_dropout_relu(tmp_path / "conv.onnx")
@@ -405,6 +409,7 @@ def test_a_new_cpu_kind_tunes_and_builds_convolutions_in_nhwc(tmp_path: Path) ->
     applied = apply_database(load_onnx_file(model), TARGET, kind_dir)
     assert not untuned_workloads(applied)
     assert "R.Tensor((1, 10, 10, 16)" in applied.script()  # the convolution's output, NHWC
+    assert 'T.sblock("copy_x1")' in applied.script()  # the concatenation, tuned
     cfg = split_module(load_onnx_file(model), [])
     for module in cfg.modules:
         cfg[module].target = TARGET
@@ -414,7 +419,7 @@ def test_a_new_cpu_kind_tunes_and_builds_convolutions_in_nhwc(tmp_path: Path) ->
     try:
         x = np.random.default_rng(4).standard_normal((1, 8, 10, 10)).astype("float32")
         (y,) = lib.run_local({"x": x})
-        assert y.shape == (1, 16, 10, 10)
+        assert y.shape == (1, 32, 10, 10)
         np.testing.assert_allclose(y, conv_reference(x), rtol=1e-4, atol=1e-4)
     finally:
         lib.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from tvm import relax
 from tvmpipe.orchestrator.tune import (
     TaskResult,
     _heaviest,
+    _write_kind,
     budget_text,
     read_kind,
     tune_pipeline,
@@ -72,8 +74,33 @@ def test_a_second_pass_tunes_only_the_heaviest(tmp_path: Path) -> None:
     assert [r.trials_run for r in second] == [1 if i == heavy else 0 for i in range(2)]
     kind = read_kind(next(p for p in database.iterdir() if p.is_dir()))
     assert kind["trials_per_workload"] == 1
-    assert kind["heaviest"] == {"workloads": 1, "trials": 2}
-    assert budget_text(kind) == "1 trials per workload, 2 for the 1 heaviest"
+    assert kind["heaviest"] == [{"workloads": 1, "trials": 2}]
+    assert budget_text(kind) == "1 trials per workload, 2 for the heaviest"
+
+
+def test_each_top_keeps_its_own_budget_in_kind_json(tmp_path: Path) -> None:
+    """make tune's passes (all, the 8 heaviest, the heaviest) are each stated; a later pass
+    with the same top replaces its own; a kind.json of one dict still reads."""
+    target = tvm.target.Target(TARGET)
+
+    def finished(trials: int, top: int | None) -> dict:
+        _write_kind(tmp_path, target, "cpu", "", {"local": True}, trials, top, finished=True)
+        return read_kind(tmp_path)
+
+    finished(32, None)
+    finished(128, 8)
+    kind = finished(384, 1)
+    assert kind["heaviest"] == [{"workloads": 8, "trials": 128}, {"workloads": 1, "trials": 384}]
+    assert budget_text(kind) == (
+        "32 trials per workload, 128 for the 8 heaviest, 384 for the heaviest"
+    )
+    kind = finished(64, 8)
+    assert kind["heaviest"] == [{"workloads": 8, "trials": 64}, {"workloads": 1, "trials": 384}]
+    before = {**kind, "heaviest": {"workloads": 8, "trials": 128}}  # as written before
+    (tmp_path / "kind.json").write_text(json.dumps(before))
+    assert budget_text(read_kind(tmp_path)) == "32 trials per workload, 128 for the 8 heaviest"
+    kind = finished(384, 1)  # a pass over a kind.json written before: the old entry kept
+    assert kind["heaviest"] == [{"workloads": 8, "trials": 128}, {"workloads": 1, "trials": 384}]
 
 
 def test_top_must_be_a_positive_count(tmp_path: Path) -> None:
