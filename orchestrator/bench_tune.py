@@ -3,26 +3,31 @@
 SqueezeNet from the ``onnx`` package (seeded random weights, the same in every engine) runs
 unsplit in this process: TVM's default build (``llvm``, what build_pipeline compiles for unless
 told otherwise), the model built for this machine's CPU with the shipped tuning database (``make
-tune``, its trial budget in the row), and onnxruntime with
-one intra-op and one inter-op thread as the reference. Each TVM side runs in a fresh thread
-with one TVM thread (bench_common.in_fresh_thread); the three alternate, repetition by
-repetition. Then the tuned model cut in two and pipelined, a stage per core (comparison 4's
-pipeline, built with the database), against the tuned model unsplit and onnxruntime, each on one
-and on two threads. ResNet-50 gets the same three rows, with fewer timed runs (an untuned
-inference takes seconds); its tuned row is built only where the shipped database has schedules
-for its workloads (``make tune`` tunes SqueezeNet: ResNet-50 at the same budget needs many hours
-of a small CPU), and says so otherwise. ``$TVMPIPE_BENCH_TUNE_MODELS`` (e.g.
-``light_resnet50``) runs only the models named.
-onnxruntime is an optional extra (``pip install 'tvmpipe[bench]'``); without it, or on a
-machine the database was not tuned for, the rows say so.
+tune``, its trial budget in the row), and onnxruntime with one intra-op and one inter-op thread
+as the reference. All three run on the same single core (``ONE_CORE``): each TVM side in a fresh
+thread with one TVM thread (bench_common.in_fresh_thread), onnxruntime in this thread; they
+alternate, repetition by repetition. Left to float over both cores of a 2-core VM, TVM's thread
+ran SqueezeNet in 13.8 to 18.5 ms from one measurement to the next (its new pool's helper thread
+spins on the other core for a while, and a thread that moves leaves its caches behind), and in
+12.2 ms on either core alone; onnxruntime's took 9.1 to 10 ms either way.
+
+Then the tuned model cut in two and pipelined, a stage per core (comparison 4's pipeline, built
+with the database), against the tuned model unsplit and onnxruntime, each on one and on two
+threads. ResNet-50 gets the same three rows, with fewer timed runs (an untuned inference takes
+seconds); its tuned row is built only where the shipped database has schedules for its workloads
+(``make tune`` tunes SqueezeNet: ResNet-50 at the same budget needs many hours of a small CPU),
+and says so otherwise. ``$TVMPIPE_BENCH_TUNE_MODELS`` (e.g. ``light_resnet50``) runs only the
+models named. onnxruntime is an optional extra (``pip install 'tvmpipe[bench]'``); without it,
+or on a machine the database was not tuned for, the rows say so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -50,6 +55,7 @@ TARGET = 1.5  # tuned ms / onnxruntime ms, for MODEL
 SKIP_ORT = "skipped: pip install tvmpipe[bench]"
 DEFAULT_TARGET = "llvm"
 PIPELINED_INPUTS = (200, 20)  # per repetition: full, quick
+ONE_CORE = str(max(os.sched_getaffinity(0)))  # core 0 takes more of the machine's interrupts
 
 
 def onnx_model(name: str, seed: int = 0) -> Any:
@@ -59,8 +65,11 @@ def onnx_model(name: str, seed: int = 0) -> Any:
     return model
 
 
-def tvm_timer(executable: Any, feed: dict[str, np.ndarray], runs: int) -> Callable[[], float]:
-    """Median ms per run of ``executable`` on one TVM thread, warmed up, in a fresh thread."""
+def tvm_timer(
+    executable: Any, feed: dict[str, np.ndarray], runs: int, core: str | None = ONE_CORE
+) -> Callable[[], float]:
+    """Median ms per run of ``executable`` on one TVM thread, warmed up, in a fresh thread
+    on ``core`` (None: floating over every core)."""
 
     def work() -> float:
         vm = relax.VirtualMachine(executable, tvm.cpu())
@@ -73,7 +82,21 @@ def tvm_timer(executable: Any, feed: dict[str, np.ndarray], runs: int) -> Callab
             times.append(time.perf_counter() - start)
         return statistics.median(times) * 1e3
 
-    return lambda: in_fresh_thread(work, threads=1)
+    return lambda: in_fresh_thread(work, threads=1, cores=core)
+
+
+@contextlib.contextmanager
+def on_core(core: str | None) -> Iterator[None]:
+    """The calling thread on ``core`` (None: unchanged) for the block, then as it was."""
+    if core is None:
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {int(core)})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
 
 
 def _run_once(executable: Any, feed: dict[str, np.ndarray]) -> np.ndarray:
@@ -83,10 +106,15 @@ def _run_once(executable: Any, feed: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def ort_timer(
-    model: Any, feed: dict[str, np.ndarray], runs: int, tvm_executable: Any, name: str = MODEL
+    model: Any,
+    feed: dict[str, np.ndarray],
+    runs: int,
+    tvm_executable: Any,
+    name: str = MODEL,
+    core: str | None = ONE_CORE,
 ) -> Callable[[], float] | None:
-    """Median ms per run in onnxruntime on one thread, once its output matches TVM's; None if
-    onnxruntime is not installed."""
+    """Median ms per run in onnxruntime on one thread (on ``core``: None, floating), once its
+    output matches TVM's; None if onnxruntime is not installed."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -105,10 +133,11 @@ def ort_timer(
 
     def measure() -> float:
         times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append(time.perf_counter() - start)
+        with on_core(core):
+            for _ in range(runs):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times.append(time.perf_counter() - start)
         return statistics.median(times) * 1e3
 
     return measure
