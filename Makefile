@@ -43,13 +43,15 @@ bench: $(STAMP)
 # and the 16 pieces the planner measures, measured on a loopback worker for this machine's CPU.
 # Three passes: every workload to TUNE_TRIALS MetaSchedule trials, then the TUNE_TOP workloads
 # that take the most time to TUNE_TOP_TRIALS, then the TUNE_HEAVIEST heaviest to
-# TUNE_HEAVIEST_TRIALS, with XGBoost's cost model (the tune extra). Each pass resumes where an
-# interrupted one stopped; a finished one does no trials.
+# TUNE_HEAVIEST_TRIALS, with XGBoost's cost model (the tune extra). Then TUNE_ALSO (comparison
+# 7's second model, whole) to TUNE_TRIALS in one pass. Each pass resumes where an interrupted
+# one stopped; a finished one does no trials.
 TUNE_TRIALS ?= 32
 TUNE_TOP ?= 8
 TUNE_TOP_TRIALS ?= 128
 TUNE_HEAVIEST ?= 1
 TUNE_HEAVIEST_TRIALS ?= 1024
+TUNE_ALSO ?= light_resnet50
 TUNE_ARGS = light_squeezenet --target host --segments 16 --database orchestrator/tuning_db
 tune: $(STAMP)
 	$(PY) -m pip install --quiet -e ".[tune]"
@@ -57,6 +59,8 @@ tune: $(STAMP)
 	nice -n 5 $(VENV)/bin/tvmpipe tune $(TUNE_ARGS) --trials $(TUNE_TOP_TRIALS) --top $(TUNE_TOP)
 	nice -n 5 $(VENV)/bin/tvmpipe tune $(TUNE_ARGS) --trials $(TUNE_HEAVIEST_TRIALS) \
 		--top $(TUNE_HEAVIEST)
+	for model in $(TUNE_ALSO); do nice -n 5 $(VENV)/bin/tvmpipe tune $$model --target host \
+		--database orchestrator/tuning_db --trials $(TUNE_TRIALS) || exit 1; done
 
 # Not part of `make test`: streams 100,000 inputs and checks that fds and memory stay flat.
 soak: $(STAMP)

@@ -40,10 +40,9 @@ from .models import _light_dir, _onnx, _randomize_weights, example_input
 from .tune import (
     SHIPPED_DATABASE,
     apply_database,
-    budget_text,
     database_for_host,
     host_target,
-    read_kind,
+    model_budget_text,
     untuned_workloads,
 )
 
@@ -275,7 +274,7 @@ def model_rows(name: str, settings: Settings) -> list[Row]:
             Row(NAME, f"{name} tuned: skipped", "ms", float("nan"), base, why_untuned, False)
         )
         return rows
-    budget = budget_text(read_kind(tuned_dir))
+    budget = model_budget_text(mod, host_target(), tuned_dir)
     rows.append(
         Row(
             NAME,

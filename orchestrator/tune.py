@@ -50,7 +50,7 @@ from tvmpipe.proto.errors import ConfigError
 from .config import PipelineModuleConfig
 from .library import tvm_version
 from .progress import stage_progress
-from .rewrite import concat_as_copies, convert_layout
+from .rewrite import concat_as_copies, convert_layout, for_inference
 from .signature import is_relax_module
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "database_digest",
     "find_database",
     "budget_text",
+    "model_budget_text",
     "host_target",
     "kind_id",
     "read_kind",
@@ -211,13 +212,14 @@ def database_digest(directory: str | os.PathLike[str]) -> str:
 def _prepare(mod: tvm.IRModule, target: tvm.target.Target, kind: dict[str, Any]) -> tvm.IRModule:
     """Legalize and fuse, as MetaSchedule's task extraction and the database both expect, after
     the kind's transforms (``kind.json``): convolutions in its ``conv2d_layout`` (and there,
-    concatenations on the channels as copies: ``rewrite.concat_as_copies``), and with
+    batch norms and ONNX's Sum decomposed to fuse, ``rewrite.for_inference``, and
+    concatenations on the channels as copies, ``rewrite.concat_as_copies``), and with
     ``weight_prepack`` each workload's constant weights marked free to take the layout its
     schedule wants (which makes them part of the workload: another database entry)."""
     layout = kind.get(LAYOUT_FIELD)
     with target:
         if layout:
-            mod = concat_as_copies(convert_layout(mod, str(layout)))
+            mod = concat_as_copies(convert_layout(for_inference(mod), str(layout)))
         prepared: tvm.IRModule = zero_pipeline()(mod)
         if kind.get(PREPACK_FIELD):
             prepared = _mark_layout_free(prepared)
@@ -538,6 +540,51 @@ def budget_text(kind: dict[str, Any]) -> str:
         which = f"the {heavy['workloads']} heaviest" if heavy["workloads"] > 1 else "the heaviest"
         text += f", {heavy['trials']} for {which}"
     return text
+
+
+def model_budget_text(mod: tvm.IRModule, target: Any, directory: str | os.PathLike[str]) -> str:
+    """The trials a kind's database holds for ``mod``'s own workloads, in words: the fewest any
+    of them had, then how many had each larger budget of the kind. A workload whose search ran
+    dry counts at the budget it ran dry at. ``budget_text`` tells the budgets of make tune's
+    passes, which ranked another model's workloads: a second model tuned into the same kind can
+    have had less, and its figures must say so."""
+    target = tvm.target.Target(target)
+    kind = _transforms(directory)
+    with target:
+        tasks = ms.relax_integration.extract_tasks(
+            _prepare(mod, target, kind), _tuning_target(target)
+        )
+    counts = _record_counts(Path(directory))
+    dry = _read_dry(Path(directory))
+    hashes = {_workload_hash(task.dispatched[0]) for task in tasks}
+    trials = sorted(max(counts.get(h, 0), dry.get(f"{h:x}", 0)) for h in hashes)
+    if not trials:
+        return "no workloads"
+    fewest = trials[0]
+    text = f"{fewest} trials per workload"
+    levels = {int(kind.get("trials_per_workload", 0))}
+    levels |= {p["trials"] for p in _heaviest_passes(kind)}
+    for level in sorted(levels):
+        more = sum(t >= level for t in trials)
+        if level > fewest and more:
+            text += f", {level} for {more} of {len(trials)}"
+    return text
+
+
+def _record_counts(directory: Path) -> dict[int, int]:
+    """How many records a kind's database holds per workload (its structural hash)."""
+    try:
+        with open(directory / _FILES[0]) as workloads:
+            hashes = [int(json.loads(line)[0]) for line in workloads if line.strip()]
+        with open(directory / _FILES[1]) as records:
+            counts: dict[int, int] = {}
+            for line in records:
+                if line.strip():
+                    workload = hashes[int(line[1 : line.index(",")])]
+                    counts[workload] = counts.get(workload, 0) + 1
+    except (OSError, ValueError, IndexError) as exc:
+        raise ConfigError(f"tuning database {directory} cannot be read: {exc}") from exc
+    return counts
 
 
 def _heaviest_passes(kind: dict[str, Any]) -> list[dict[str, int]]:

@@ -17,6 +17,7 @@ from tvmpipe.orchestrator.tune import (
     _heaviest,
     _write_kind,
     budget_text,
+    model_budget_text,
     read_kind,
     tune_pipeline,
 )
@@ -38,6 +39,25 @@ def two_matmuls() -> tvm.IRModule:
             small = bb.emit(relax.op.matmul(x, relax.const(rng.random((16, 16), "float32"))))
             big = bb.emit(relax.op.matmul(y, relax.const(rng.random((256, 256), "float32"))))
             out = bb.emit_output(relax.Tuple([small, big]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+OF_TWO = ((16, 8), (256, 256))  # two_matmuls' workloads: (size, rows)
+
+
+def one_matmul(size: int, rows: int) -> tvm.IRModule:
+    """``two_matmuls``'s light (16, 8) or heavy (256, 256) workload alone, or another."""
+    rng = np.random.default_rng(0)
+    if size == 256:
+        rng.random((16, 16), "float32")  # the light one's weight comes first there
+    x = relax.Var("x", relax.TensorType((rows, size), "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(
+                relax.op.matmul(x, relax.const(rng.random((size, size), "float32")))
+            )
         bb.emit_func_output(out)
     return bb.get()
 
@@ -76,6 +96,13 @@ def test_a_second_pass_tunes_only_the_heaviest(tmp_path: Path) -> None:
     assert kind["trials_per_workload"] == 1
     assert kind["heaviest"] == [{"workloads": 1, "trials": 2}]
     assert budget_text(kind) == "1 trials per workload, 2 for the heaviest"
+    # What a model's own workloads had: either matmul alone (another model sharing the kind)
+    # had only its own passes; a model with no workload in the database had none.
+    directory = next(p for p in database.iterdir() if p.is_dir())
+    assert model_budget_text(mod, TARGET, directory) == "1 trials per workload, 2 for 1 of 2"
+    alone = {model_budget_text(one_matmul(*shape), TARGET, directory) for shape in OF_TWO}
+    assert alone == {"1 trials per workload", "2 trials per workload"}
+    assert model_budget_text(one_matmul(32, 4), TARGET, directory) == "0 trials per workload"
 
 
 def test_each_top_keeps_its_own_budget_in_kind_json(tmp_path: Path) -> None:
