@@ -149,10 +149,9 @@ def test_a_batch_norm_and_its_relu_fuse_into_the_convolution() -> None:
     (conv,) = [name for name in names if "conv2d" in name]
     assert "relu" in conv and not [n for n in names if "relu" in n or "norm" in n][1:], names
     np.testing.assert_allclose(_run(rewritten, x), _run(mod, x), rtol=1e-5, atol=1e-5)
-    # In training mode a norm uses the batch's own statistics: it stays
+    # In training mode a norm uses the batch's own statistics: the module stays as it was
     training = conv_norm_relu(training=True)
-    assert "relax.nn.batch_norm" in _ops(for_inference(training))
-    np.testing.assert_array_equal(_run(for_inference(training), x), _run(training, x))
+    tvm.ir.assert_structural_equal(for_inference(training), training)
 
 
 def test_a_norm_whose_weights_come_at_run_time_is_decomposed_as_tvm_does() -> None:
