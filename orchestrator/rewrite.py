@@ -160,16 +160,11 @@ def _pairwise(bound: Any, call: relax.Call, _: Any) -> relax.Expr:
 
 def without_dropout(mod: tvm.IRModule) -> tvm.IRModule:
     """``dropout(x)[0]`` is ``x`` at inference; the dropout goes when its mask is unused."""
-    from tvm.relax.dpl import is_op, is_tuple_get_item, rewrite_call, wildcard
+    from tvm.relax.dpl import is_op, is_tuple_get_item, wildcard
 
     data = wildcard()
     pattern = is_tuple_get_item(is_op("relax.nn.dropout")(data), 0)
-    result = mod.clone()
-    for gv, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            rewritten = rewrite_call(pattern, lambda _, matched: matched[data], func)
-            result[gv] = relax.analysis.remove_all_unused(rewritten)
-    return result
+    return _rewrite(mod, pattern, lambda _, __, matched: matched[data])
 
 
 def concat_as_copies(mod: tvm.IRModule) -> tvm.IRModule:
